@@ -1,0 +1,347 @@
+"""The `infobip-relay` command: a thin layer over the modules; every error is one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import getpass
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from relay import __version__
+from relay.app import Server, read_pid
+from relay.config import Config, iter_secret_values, load_config, redacted
+from relay.envelope import MessageContext
+from relay.errors import RelayError
+from relay.logs import configure_logging
+from relay.passwords import hash_password
+from relay.regions import format_region_table
+from relay.rules import render_rules_report
+from relay.spool import QueuedMessage, SpoolDB
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class CLIError(RelayError):
+    """A problem with what the user asked for, reported as one line."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        result: int = args.func(args)
+        return result
+    except RelayError as exc:
+        print(f"infobip-relay: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infobip-relay",
+        description="SMTP smarthost that relays mail to Infobip's SMTP API over TLS + AUTH.",
+        epilog="Without -c, the relay is configured from the environment: INFOBIP_API_KEY "
+               "(required), INFOBIP_REGION, INFOBIP_SMTP_HOST, INFOBIP_SMTP_PORT, RELAY_LISTEN.")
+    parser.add_argument("--version", action="version", version=f"infobip-relay {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the relay until SIGTERM")
+    _config_option(serve)
+    serve.set_defaults(func=_serve)
+
+    check = commands.add_parser("check-config",
+                                help="validate the config and print it with secrets redacted")
+    _config_option(check)
+    check.set_defaults(func=_check_config)
+
+    regions = commands.add_parser("regions", help="list Infobip regions, hosts and ports")
+    regions.set_defaults(func=_regions)
+
+    _add_queue_commands(commands)
+    _add_rules_commands(commands)
+
+    reload = commands.add_parser("reload", help="tell the running relay to reload its config "
+                                                "(same as SIGHUP)")
+    _config_option(reload)
+    _spool_option(reload)
+    reload.set_defaults(func=_reload)
+
+    hashpw = commands.add_parser("hash-password",
+                                 help="print a password hash for the users: section")
+    hashpw.add_argument("--stdin", action="store_true",
+                        help="read the password from standard input instead of prompting")
+    hashpw.set_defaults(func=_hash_password)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="YAML config file (default: $INFOBIP_RELAY_CONFIG, else the "
+                             "environment alone)")
+
+
+def _spool_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spool", metavar="DIR",
+                        help="spool directory (default: queue.path of the config)")
+
+
+def _add_queue_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    queue = commands.add_parser("queue", help="inspect and manage the spool (works while the "
+                                              "relay runs)")
+    actions = queue.add_subparsers(title="queue commands", metavar="ACTION")
+    listing = actions.add_parser("list", help="list messages")
+    listing.add_argument("--state", action="append",
+                         choices=["queued", "deferred", "failed", "delivered"],
+                         help="only these states (repeatable; default: all but delivered)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--limit", type=int, default=1000)
+    listing.set_defaults(func=_queue_list)
+    for name, help_text, func in (
+        ("show", "show one message with its recipients and last replies", _queue_show),
+        ("retry", "make a deferred or failed message due now", _queue_retry),
+        ("delete", "delete a message from the spool", _queue_delete),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("id", metavar="ID")
+        if name == "show":
+            action.add_argument("--json", action="store_true")
+        action.set_defaults(func=func)
+    for parser in actions.choices.values():
+        _config_option(parser)
+        _spool_option(parser)
+    queue.set_defaults(func=lambda args: _usage(queue))
+
+
+def _add_rules_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rules = commands.add_parser("rules", help="work with header rules")
+    actions = rules.add_subparsers(title="rules commands", metavar="ACTION")
+    test = actions.add_parser("test", help="show which rules match a message and the resulting "
+                                           "headers, without sending anything")
+    _config_option(test)
+    test.add_argument("message", metavar="MESSAGE.eml", help="the message file ('-' for stdin)")
+    test.add_argument("--mail-from", default=None, help="envelope sender (default: From header)")
+    test.add_argument("--rcpt", action="append", default=[], help="envelope recipient "
+                                                                  "(repeatable)")
+    test.add_argument("--client-ip", default="127.0.0.1")
+    test.add_argument("--user", default=None, help="local AUTH user")
+    test.add_argument("--listener", default=None, help="listener name (default: the first)")
+    test.set_defaults(func=_rules_test)
+    rules.set_defaults(func=lambda args: _usage(rules))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return EXIT_USAGE
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure_logging(config.logging.level, config.logging.format, iter_secret_values(config))
+    server = Server(config, args.config)
+    _run(server.serve())
+    return EXIT_OK
+
+
+def _run(coroutine: asyncio.Future[None] | Callable[[], None] | object) -> None:
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        asyncio.run(coroutine)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coroutine)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"# configuration OK ({config.source}); secrets redacted")
+    print(yaml.safe_dump(redacted(config), sort_keys=False, allow_unicode=True), end="")
+    return EXIT_OK
+
+
+def _regions(args: argparse.Namespace) -> int:
+    print(format_region_table())
+    return EXIT_OK
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CLIError("the passwords differ")
+    if not password:
+        raise CLIError("empty password")
+    print(hash_password(password))
+    return EXIT_OK
+
+
+def _reload(args: argparse.Namespace) -> int:
+    directory = _spool_dir(args)
+    pid = read_pid(directory)
+    if pid is None:
+        raise CLIError(f"no running relay found for spool {directory} (no relay.pid)")
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise CLIError(f"relay process {pid} is not running (stale relay.pid)") from None
+    except PermissionError:
+        raise CLIError(f"not allowed to signal relay process {pid}") from None
+    print(f"reload requested (pid {pid}); the relay logs whether the new config was accepted")
+    return EXIT_OK
+
+
+def _spool_dir(args: argparse.Namespace) -> Path:
+    if getattr(args, "spool", None):
+        return Path(args.spool)
+    config: Config = load_config(args.config)
+    return config.queue.path
+
+
+def _open_spool(args: argparse.Namespace) -> SpoolDB:
+    return SpoolDB(_spool_dir(args), create=False)
+
+
+def _queue_list(args: argparse.Namespace) -> int:
+    states = args.state or ["queued", "deferred", "failed"]
+    with contextlib.closing(_open_spool(args)) as db:
+        messages = db.list(states, args.limit)
+    if args.json:
+        print(json.dumps([_message_dict(m) for m in messages], indent=2))
+        return EXIT_OK
+    if not messages:
+        print("spool is empty" if states != ["delivered"] else "no delivered records")
+        return EXIT_OK
+    print(f"{'ID':<20} {'STATE':<9} {'PRIO':<8} {'AGE':>6} {'TRIES':>5} {'SIZE':>8}  "
+          "SENDER -> RECIPIENTS / LAST REPLY")
+    for message in messages:
+        recipients = ", ".join(r.address for r in message.recipients)
+        print(f"{message.id:<20} {message.state:<9} {message.priority_name:<8} "
+              f"{_age(message.created):>6} {message.attempts:>5} {message.size:>8}  "
+              f"<{message.mail_from}> -> {recipients}")
+        if message.last_reply and message.state != "queued":
+            print(f"{'':<20} {message.last_reply}")
+    return EXIT_OK
+
+
+def _queue_show(args: argparse.Namespace) -> int:
+    with contextlib.closing(_open_spool(args)) as db:
+        message = db.get(args.id)
+    if message is None:
+        raise CLIError(f"no message {args.id} in the spool")
+    if args.json:
+        print(json.dumps(_message_dict(message), indent=2))
+        return EXIT_OK
+    print(f"id:           {message.id}")
+    print(f"state:        {message.state}")
+    print(f"priority:     {message.priority_name}")
+    print(f"received:     {_stamp(message.created)} from {message.client} "
+          f"(listener {message.listener}{', user ' + message.auth_user if message.auth_user else ''})")
+    print(f"size:         {message.size} bytes")
+    print(f"attempts:     {message.attempts}")
+    if message.state == "deferred":
+        print(f"next attempt: {_stamp(message.next_attempt)}")
+    print(f"sender:       <{message.mail_from}>")
+    if message.upstream_id:
+        print(f"infobip id:   {message.upstream_id}")
+    print(f"last reply:   {message.last_reply or '-'}")
+    print("recipients:")
+    for recipient in message.recipients:
+        print(f"  <{recipient.address}> {recipient.state}: {recipient.reply or '-'}")
+    return EXIT_OK
+
+
+def _queue_retry(args: argparse.Namespace) -> int:
+    with contextlib.closing(_open_spool(args)) as db:
+        done = db.transaction(lambda: db.retry(args.id, dt.datetime.now().timestamp()))
+    if not done:
+        raise CLIError(f"no queued, deferred or failed message {args.id} in the spool")
+    print(f"{args.id} will be retried now")
+    return EXIT_OK
+
+
+def _queue_delete(args: argparse.Namespace) -> int:
+    with contextlib.closing(_open_spool(args)) as db:
+        done = db.transaction(lambda: db.delete(args.id))
+    if not done:
+        raise CLIError(f"no message {args.id} in the spool")
+    print(f"{args.id} deleted")
+    return EXIT_OK
+
+
+def _rules_test(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    data = _read_message(args.message)
+    listener_name = args.listener or config.listeners[0].name
+    listener = next((item for item in config.listeners if item.name == listener_name), None)
+    if listener is None:
+        raise CLIError(f"no listener named {listener_name!r} "
+                       f"(have: {', '.join(item.name for item in config.listeners)})")
+    mail_from = args.mail_from if args.mail_from is not None else _header_from(data)
+    ctx = MessageContext(queue_id="TESTQUEUEID", mail_from=mail_from,
+                         rcpt_tos=tuple(args.rcpt), client_ip=args.client_ip,
+                         auth_user=args.user, listener=listener.name, size=len(data))
+    print(render_rules_report(config.rules, ctx, data, client_headers=listener.client_headers))
+    return EXIT_OK
+
+
+def _read_message(name: str) -> bytes:
+    try:
+        raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {name}: {exc.strerror}") from None
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _header_from(data: bytes) -> str:
+    from email.parser import BytesHeaderParser  # noqa: PLC0415
+    from email.utils import parseaddr  # noqa: PLC0415
+
+    headers = BytesHeaderParser().parsebytes(data)
+    return parseaddr(str(headers.get("From", "")))[1]
+
+
+def _message_dict(message: QueuedMessage) -> dict[str, object]:
+    return {
+        "id": message.id, "state": message.state, "priority": message.priority_name,
+        "created": _stamp(message.created), "attempts": message.attempts,
+        "next_attempt": _stamp(message.next_attempt), "size": message.size,
+        "mail_from": message.mail_from, "client": message.client,
+        "auth_user": message.auth_user, "listener": message.listener,
+        "last_reply": message.last_reply, "upstream_id": message.upstream_id,
+        "recipients": [{"address": r.address, "state": r.state, "reply": r.reply}
+                       for r in message.recipients],
+    }
+
+
+def _stamp(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _age(created: float) -> str:
+    seconds = max(0, int(dt.datetime.now().timestamp() - created))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,720 @@
+"""Configuration: YAML + environment -> frozen, validated objects.
+
+This is the only module that reads the config file or environment variables for settings.
+Every error names the exact key (``upstream.port: ...``) so that a user can fix it at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import ssl
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+import yaml
+
+from relay.errors import ConfigError
+from relay.passwords import check_hash_format
+from relay.regions import Region, find_region, region_names
+from relay.rules import CLIENT_HEADER_POLICIES, Rule, compile_rules
+from relay.units import format_duration, format_size, parse_duration, parse_size
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+ListenerTLS = Literal["none", "starttls", "implicit"]
+ListenerAuth = Literal["none", "optional", "required"]
+UpstreamTLS = Literal["starttls", "implicit"]
+
+# Infobip advertises SIZE 20971520; accepting more would only move the refusal to the upstream,
+# after the client was told 250.
+DEFAULT_MAX_MESSAGE_SIZE = 20 * 1024 * 1024
+DEFAULT_LISTEN = ("127.0.0.1", 2525)
+DEFAULT_METRICS = ("127.0.0.1", 9465)
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+CONFIG_ENV = "INFOBIP_RELAY_CONFIG"
+
+
+class Secret:
+    """A string that never shows itself in repr, str or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    address: str
+    port: int
+    tls: ListenerTLS = "none"
+    certificate: Path | None = None
+    private_key: Path | None = None
+    auth: ListenerAuth = "none"
+    client_headers: str = "fix"
+    allowed_senders: tuple[str, ...] = ()
+
+    @property
+    def is_loopback(self) -> bool:
+        return _is_loopback_address(self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class UserConfig:
+    name: str
+    password_hash: Secret
+    allowed_senders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    trusted_networks: tuple[IPNetwork, ...]
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_recipients: int = 100
+    max_connections: int = 2000
+    max_connections_per_client: int = 500
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    allow_open_relay: bool = False
+
+    def is_trusted(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_networks)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    host: str
+    port: int
+    tls: UpstreamTLS
+    username: str
+    password: Secret
+    region: str | None = "europe"
+    auth_mechanism: Literal["auto", "PLAIN", "LOGIN"] = "auto"
+    connections: int = 8
+    ca_file: Path | None = None
+    timeout: float = 60.0
+    idle_timeout: float = 60.0
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context: the system store plus ``ca_file``; never unverified."""
+        context = ssl.create_default_context()
+        if self.ca_file is not None:
+            context.load_verify_locations(cafile=str(self.ca_file))
+        return context
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    path: Path
+    max_age: float = 5 * 86400.0
+    retry_initial: float = 30.0
+    retry_max: float = 1800.0
+    keep_delivered: float = 86400.0
+    auth_retry: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    address: str = DEFAULT_METRICS[0]
+    port: int = DEFAULT_METRICS[1]
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    format: Literal["text", "json"] = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    access: AccessConfig
+    upstream: UpstreamConfig
+    queue: QueueConfig
+    rules: tuple[Rule, ...] = ()
+    users: tuple[UserConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hostname: str = "localhost"
+    grace_period: float = 30.0
+    source: str = "environment"
+
+    def user(self, name: str) -> UserConfig | None:
+        for user in self.users:
+            if user.name == name:
+                return user
+        return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the configuration; with no path, configure from the environment alone.
+
+    Raises ConfigError with a precise message on any problem.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if path is None and env.get(CONFIG_ENV):
+        path = env[CONFIG_ENV]
+    if path is None:
+        return _build({}, env, source="environment")
+    file_path = Path(path)
+    try:
+        text = file_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {file_path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"config file {file_path} is not UTF-8 text") from None
+    raw = _parse_yaml(text, file_path)
+    raw = _expand_env(raw, env, "")
+    return _build(raw, env, source=str(file_path), base_dir=file_path.parent)
+
+
+def _parse_yaml(text: str, file_path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError("", f"{file_path}{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{file_path}: the top level must be a mapping of settings")
+    return raw
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, env: Mapping[str, str], path: str) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the parsed YAML."""
+    if isinstance(value, dict):
+        return {key: _expand_env(item, env, _join(path, str(key))) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(item, env, f"{path}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(path, f"environment variable {name} is not set")
+
+        return _ENV_REF.sub(substitute, value)
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Section:
+    """A mapping being read: tracks the path for errors and refuses unknown keys."""
+
+    def __init__(self, raw: object, path: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(path, f"expected a mapping, got {_describe(raw)}")
+        self.raw: dict[str, Any] = raw
+        self.path = path
+        self._seen: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return self.raw.get(key) is not None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._seen.add(key)
+        value = self.raw.get(key)
+        return default if value is None else value
+
+    def at(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def convert(self, key: str, default: Any, parse: Callable[[Any], Any]) -> Any:
+        value = self.get(key)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(self.at(key), str(exc)) from None
+
+    def finish(self) -> None:
+        unknown = [key for key in self.raw if key not in self._seen]
+        if unknown:
+            known = ", ".join(sorted(self._seen))
+            raise ConfigError(self.at(str(unknown[0])), f"unknown setting (known here: {known})")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
+           base_dir: Path | None = None) -> Config:
+    top = _Section(raw, "")
+    access = _build_access(top.get("access"), env)
+    listeners = _build_listeners(top.get("listeners"), env, base_dir)
+    users = _build_users(top.get("users"))
+    upstream = _build_upstream(top.get("upstream"), env, base_dir)
+    queue = _build_queue(top.get("queue"), env, base_dir)
+    metrics = _build_metrics(top.get("metrics"), env)
+    logging_config = _build_logging(top.get("logging"))
+    rules = compile_rules(top.get("rules"), "rules")
+    hostname = top.convert("hostname", socket.gethostname() or "localhost", _hostname)
+    grace = top.convert("grace_period", 30.0, parse_duration)
+    top.finish()
+    config = Config(
+        listeners=listeners, access=access, upstream=upstream, queue=queue, rules=rules,
+        users=users, metrics=metrics, logging=logging_config, hostname=hostname,
+        grace_period=grace, source=source,
+    )
+    _check_relay_policy(config)
+    return config
+
+
+def _hostname(value: object) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", text):
+        raise ValueError(f"not a valid host name: {text!r}")
+    return text
+
+
+def _host_port(value: str, what: str) -> tuple[str, int]:
+    """Parse ``host:port`` or ``[v6]:port``."""
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
+    if not match:
+        raise ConfigError(what, f"expected host:port, got {value!r}")
+    host = match.group(1) or match.group(3) or "0.0.0.0"
+    return host, _port(match.group(2) or match.group(4), what, allow_zero=True)
+
+
+def _port(value: object, path: str, *, allow_zero: bool = False) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        port = int(str(value))
+    except ValueError:
+        raise ConfigError(path, f"expected a port number, got {value!r}") from None
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ConfigError(path, f"port {port} is out of range 1-65535")
+    return port
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1, got {number}")
+    return number
+
+
+def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip()
+        text = text.upper() if upper else text.lower()
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise ValueError(f"expected a string or a list of strings, got {_describe(value)}")
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"expected a list of networks such as 10.0.0.0/8, got {_describe(value)}")
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"not a network (CIDR) or address: {item!r}") from None
+    return tuple(networks)
+
+
+def _path(base_dir: Path | None) -> Callable[[Any], Path]:
+    def parse(value: Any) -> Path:
+        path = Path(str(value)).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return path
+
+    return parse
+
+
+def _build_access(raw: object, env: Mapping[str, str]) -> AccessConfig:
+    section = _Section(raw, "access")
+    default_networks = _networks(env.get("RELAY_TRUSTED_NETWORKS") or list(LOOPBACK_NETWORKS))
+    access = AccessConfig(
+        trusted_networks=section.convert("trusted_networks", default_networks, _networks),
+        max_message_size=section.convert("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, parse_size),
+        max_recipients=section.convert("max_recipients", 100, _positive_int),
+        max_connections=section.convert("max_connections", 2000, _positive_int),
+        max_connections_per_client=section.convert("max_connections_per_client", 500,
+                                                   _positive_int),
+        command_timeout=section.convert("command_timeout", 300.0, parse_duration),
+        data_timeout=section.convert("data_timeout", 600.0, parse_duration),
+        allow_open_relay=section.convert("allow_open_relay", False, _bool),
+    )
+    section.finish()
+    if access.max_message_size < 1024:
+        raise ConfigError("access.max_message_size", "must be at least 1KiB")
+    return access
+
+
+def _build_listeners(raw: object, env: Mapping[str, str],
+                     base_dir: Path | None) -> tuple[ListenerConfig, ...]:
+    if raw is None:
+        address, port = DEFAULT_LISTEN
+        if env.get("RELAY_LISTEN"):
+            address, port = _host_port(env["RELAY_LISTEN"], "RELAY_LISTEN")
+        return (ListenerConfig(name="local", address=address, port=port),)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("listeners", "expected a non-empty list of listeners")
+    listeners = tuple(_build_listener(item, f"listeners[{index}]", base_dir)
+                      for index, item in enumerate(raw))
+    seen: set[str] = set()
+    for index, listener in enumerate(listeners):
+        if listener.name in seen:
+            raise ConfigError(f"listeners[{index}].name", f"duplicate listener name {listener.name!r}")
+        seen.add(listener.name)
+    return listeners
+
+
+def _build_listener(raw: object, path: str, base_dir: Path | None) -> ListenerConfig:
+    section = _Section(raw, path)
+    default_name = f"listener{path[path.index('[') + 1:-1]}"
+    name = str(section.get("name", default_name))
+    address = str(section.get("address", DEFAULT_LISTEN[0]))
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        if address != "localhost":
+            raise ConfigError(section.at("address"),
+                              f"expected an IP address to bind (0.0.0.0, ::, 127.0.0.1), "
+                              f"got {address!r}") from None
+    port = _port(section.get("port", DEFAULT_LISTEN[1]), section.at("port"), allow_zero=True)
+    tls = cast(ListenerTLS, section.convert("tls", "none", _choice(("none", "starttls",
+                                                                     "implicit"))))
+    certificate = section.convert("certificate", None, _path(base_dir))
+    private_key = section.convert("private_key", None, _path(base_dir))
+    auth = cast(ListenerAuth, section.convert("auth", "none", _choice(("none", "optional",
+                                                                        "required"))))
+    client_headers = section.convert("client_headers", "fix", _choice(CLIENT_HEADER_POLICIES))
+    allowed = section.convert("allowed_senders", (), _string_list)
+    section.finish()
+    if tls != "none":
+        _check_certificate(certificate, private_key, path)
+    elif certificate or private_key:
+        raise ConfigError(section.at("certificate"), "given but tls is none: set tls: starttls "
+                                                     "or tls: implicit")
+    return ListenerConfig(name=name, address=address, port=port, tls=tls, certificate=certificate,
+                          private_key=private_key, auth=auth, client_headers=client_headers,
+                          allowed_senders=allowed)
+
+
+def _check_certificate(certificate: Path | None, private_key: Path | None, path: str) -> None:
+    if certificate is None:
+        raise ConfigError(f"{path}.certificate", "required when tls is starttls or implicit")
+    if private_key is None:
+        raise ConfigError(f"{path}.private_key", "required when tls is starttls or implicit")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            str(certificate), str(private_key))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}.certificate", f"file not found: {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{path}.certificate",
+                          f"cannot load certificate/private key: {exc}") from None
+
+
+def _build_users(raw: object) -> tuple[UserConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("users", "expected a list of {name, password_hash, allowed_senders}")
+    users = []
+    for index, item in enumerate(raw):
+        section = _Section(item, f"users[{index}]")
+        name = section.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(section.at("name"), "required: the user name clients log in with")
+        password_hash = str(section.get("password_hash", ""))
+        try:
+            check_hash_format(password_hash)
+        except ValueError as exc:
+            raise ConfigError(section.at("password_hash"), str(exc)) from None
+        allowed = section.convert("allowed_senders", (), _string_list)
+        section.finish()
+        users.append(UserConfig(name=name, password_hash=Secret(password_hash),
+                                allowed_senders=allowed))
+    return tuple(users)
+
+
+def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) -> UpstreamConfig:
+    section = _Section(raw, "upstream")
+    region = _resolve_region(section, env)
+    host = section.get("host") or env.get("INFOBIP_SMTP_HOST") or (region.host if region else None)
+    if not host:
+        raise ConfigError(section.at("host"), "required when no region is given")
+    host = str(host)
+    default_port = env.get("INFOBIP_SMTP_PORT") or 587
+    port = _port(section.get("port", default_port), section.at("port"))
+    tls_choice = section.convert("tls", "auto", _choice(("auto", "starttls", "implicit", "none")))
+    tls = _upstream_tls(tls_choice, port, section)
+    host_overridden = section.has("host") or bool(env.get("INFOBIP_SMTP_HOST"))
+    if region is not None and not host_overridden and port not in region.ports:
+        offered = " and ".join(str(p) for p in region.ports)
+        raise ConfigError(section.at("port"),
+                          f"region {region.name} ({region.host}) offers port {offered} only, "
+                          f"not {port}")
+    username = str(section.get("username", "App"))
+    password = _upstream_password(section, env, base_dir)
+    mechanism = section.convert("auth_mechanism", "auto", _auth_mechanism)
+    connections = section.convert("connections", 8, _positive_int)
+    ca_file = section.convert("ca_file", None, _path(base_dir))
+    timeout = section.convert("timeout", 60.0, parse_duration)
+    idle_timeout = section.convert("idle_timeout", 60.0, parse_duration)
+    section.finish()
+    if ca_file is not None and not ca_file.is_file():
+        raise ConfigError("upstream.ca_file", f"file not found: {ca_file}")
+    if connections > 256:
+        raise ConfigError("upstream.connections", "at most 256 connections")
+    return UpstreamConfig(
+        host=host, port=port, tls=tls, username=username, password=password,
+        region=region.name if region else None, auth_mechanism=mechanism,
+        connections=connections, ca_file=ca_file, timeout=timeout, idle_timeout=idle_timeout,
+    )
+
+
+def _auth_mechanism(value: Any) -> Literal["auto", "PLAIN", "LOGIN"]:
+    text = str(value).strip().upper()
+    if text not in ("AUTO", "PLAIN", "LOGIN"):
+        raise ValueError(f"must be one of auto, PLAIN, LOGIN, got {value!r}")
+    return "auto" if text == "AUTO" else cast(Literal["PLAIN", "LOGIN"], text)
+
+
+def _resolve_region(section: _Section, env: Mapping[str, str]) -> Region | None:
+    name = section.get("region") or env.get("INFOBIP_REGION") or "europe"
+    region = find_region(str(name))
+    if region is None:
+        raise ConfigError(section.at("region"),
+                          f"unknown region {name!r}; valid: {', '.join(region_names())} "
+                          f"(see `infobip-relay regions`)")
+    return region
+
+
+def _upstream_tls(choice: str, port: int, section: _Section) -> UpstreamTLS:
+    if choice == "none":
+        raise ConfigError(section.at("tls"),
+                          "TLS to Infobip is mandatory: use auto, starttls or implicit")
+    if choice != "auto":
+        return cast(UpstreamTLS, choice)
+    if port == 465:
+        return "implicit"
+    if port == 587:
+        return "starttls"
+    raise ConfigError(section.at("tls"),
+                      f"port {port} is neither 587 (STARTTLS) nor 465 (implicit TLS): "
+                      f"set tls: starttls or tls: implicit")
+
+
+def _upstream_password(section: _Section, env: Mapping[str, str],
+                       base_dir: Path | None) -> Secret:
+    password = section.get("password")
+    password_file = section.convert("password_file", None, _path(base_dir))
+    if password is not None and password_file is not None:
+        raise ConfigError(section.at("password_file"), "give password or password_file, not both")
+    if password_file is not None:
+        try:
+            text = password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(section.at("password_file"),
+                              f"cannot read {password_file}: {exc.strerror}") from None
+        if not text:
+            raise ConfigError(section.at("password_file"), f"{password_file} is empty")
+        return Secret(text)
+    if password is None:
+        password = env.get("INFOBIP_API_KEY")
+    if not password:
+        raise ConfigError(section.at("password"),
+                          "no API key: set INFOBIP_API_KEY, upstream.password or "
+                          "upstream.password_file")
+    return Secret(str(password))
+
+
+def _build_queue(raw: object, env: Mapping[str, str], base_dir: Path | None) -> QueueConfig:
+    section = _Section(raw, "queue")
+    default_path = Path(env.get("RELAY_QUEUE_PATH") or "./spool")
+    queue = QueueConfig(
+        path=section.convert("path", default_path, _path(base_dir)),
+        max_age=section.convert("max_age", 5 * 86400.0, parse_duration),
+        retry_initial=section.convert("retry_initial", 30.0, parse_duration),
+        retry_max=section.convert("retry_max", 1800.0, parse_duration),
+        keep_delivered=section.convert("keep_delivered", 86400.0, parse_duration),
+        auth_retry=section.convert("auth_retry", 300.0, parse_duration),
+    )
+    section.finish()
+    if queue.retry_initial <= 0:
+        raise ConfigError("queue.retry_initial", "must be greater than 0")
+    if queue.retry_max < queue.retry_initial:
+        raise ConfigError("queue.retry_max", "must not be less than queue.retry_initial")
+    return queue
+
+
+def _build_metrics(raw: object, env: Mapping[str, str]) -> MetricsConfig:
+    if raw is False:
+        return MetricsConfig(enabled=False)
+    section = _Section(raw, "metrics")
+    address, port = DEFAULT_METRICS
+    if env.get("RELAY_METRICS_LISTEN"):
+        address, port = _host_port(env["RELAY_METRICS_LISTEN"], "RELAY_METRICS_LISTEN")
+    metrics = MetricsConfig(
+        address=str(section.get("address", address)),
+        port=_port(section.get("port", port), section.at("port"), allow_zero=True),
+        enabled=section.convert("enabled", True, _bool),
+    )
+    section.finish()
+    return metrics
+
+
+def _build_logging(raw: object) -> LoggingConfig:
+    section = _Section(raw, "logging")
+    config = LoggingConfig(
+        level=section.convert("level", "info", _choice(("debug", "info", "warning", "error"))),
+        format=section.convert("format", "text", _choice(("text", "json"))),
+    )
+    section.finish()
+    return config
+
+
+def _check_relay_policy(config: Config) -> None:
+    """Refuse configurations that would make an open relay or lock every client out."""
+    open_networks = [n for n in config.access.trusted_networks if n.prefixlen == 0]
+    for index, listener in enumerate(config.listeners):
+        path = f"listeners[{index}]"
+        if listener.auth != "none" and not config.users:
+            raise ConfigError(f"{path}.auth", f"auth: {listener.auth} needs at least one entry "
+                                              "in users:")
+        if listener.is_loopback or listener.auth == "required":
+            continue
+        if open_networks and not config.access.allow_open_relay:
+            raise ConfigError("access.trusted_networks",
+                              f"{open_networks[0]} trusts every address on listener "
+                              f"{listener.name!r} ({listener.address}): that is an open relay. "
+                              "Narrow it, require auth, or set access.allow_open_relay: true")
+        remote_trusted = [n for n in config.access.trusted_networks if not n.is_loopback]
+        if not remote_trusted and listener.auth == "none" and not config.access.allow_open_relay:
+            raise ConfigError(path, f"listener {listener.name!r} binds {listener.address} but only "
+                                    "loopback clients are trusted and auth is none: set "
+                                    "access.trusted_networks (e.g. 10.0.0.0/8) or auth: required")
+
+
+def _is_loopback_address(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets replaced, for `check-config`."""
+    return cast(dict[str, Any], _plain(config))
+
+
+T = TypeVar("T")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return "********" if value else ""
+    if isinstance(value, Rule):
+        return value.name
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain_field(f.name, getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, Path | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    return value
+
+
+_SIZE_FIELDS = {"max_message_size"}
+_DURATION_FIELDS = {"max_age", "retry_initial", "retry_max", "keep_delivered", "auth_retry",
+                    "command_timeout", "data_timeout", "timeout", "idle_timeout", "grace_period"}
+
+
+def _plain_field(name: str, value: Any) -> Any:
+    if name in _SIZE_FIELDS and isinstance(value, int):
+        return format_size(value)
+    if name in _DURATION_FIELDS and isinstance(value, float):
+        return format_duration(value)
+    return _plain(value)
+
+
+def iter_secret_values(config: Config) -> Iterator[str]:
+    """Every secret in the config, so that tests and log filters can check none leaks."""
+    yield config.upstream.password.reveal()
+    for user in config.users:
+        yield user.password_hash.reveal()

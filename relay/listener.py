@@ -1,0 +1,545 @@
+"""The SMTP listener: aiosmtpd's protocol in the relay's own loop, with the relay's access policy.
+
+Owns the client conversation only: who may relay (trusted networks, local AUTH), limits, replies.
+An accepted message goes through the rules, into the spool (fsync) and only then gets its 250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import fnmatch
+import logging
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
+from aiosmtpd.smtp import Session as SMTPSession
+
+from relay import __version__
+from relay.config import Config, ListenerConfig
+from relay.envelope import Envelope, MessageContext
+from relay.errors import SpoolError
+from relay.metrics import Metrics
+from relay.passwords import verify_password
+from relay.rules import apply_rules
+from relay.spool import PRIORITIES, QueuedMessage, Recipient, Spool
+
+log = logging.getLogger("relay.listener")
+
+_ENHANCED = re.compile(rb"^\d\.\d{1,3}\.\d{1,3}\b")
+# RFC 3463 codes for the replies aiosmtpd writes without one.
+_DEFAULT_ENHANCED = {
+    b"221": b"2.0.0", b"235": b"2.7.0", b"250": b"2.0.0", b"252": b"2.5.0",
+    b"421": b"4.3.0", b"451": b"4.3.0", b"452": b"4.3.1", b"454": b"4.7.0",
+    b"500": b"5.5.2", b"501": b"5.5.4", b"502": b"5.5.1", b"503": b"5.5.1", b"504": b"5.5.4",
+    b"530": b"5.7.0", b"535": b"5.7.8", b"538": b"5.7.11", b"550": b"5.7.1", b"552": b"5.3.4",
+    b"553": b"5.1.3", b"554": b"5.3.0", b"555": b"5.5.4",
+}
+_PRIORITY_HEADER = re.compile(rb"(?im)^X-IB-Client-Priority:[ \t]*([A-Za-z]+)")
+_HAS_MESSAGE_ID = re.compile(rb"(?im)^Message-ID:")
+_HAS_DATE = re.compile(rb"(?im)^Date:")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+# RFC 5321 caps a line at 998 octets + CRLF; like Postfix (smtp_line_length_limit) longer lines
+# are broken with CRLF + space, which is a valid fold in headers and keeps bodies deliverable.
+_MAX_LINE = 998
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (_MAX_LINE + 1))
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+# Harmless MAIL/RCPT parameters real clients send without them being advertised (Outlook and
+# vCenter send AUTH=<>): dropped rather than answered with 555.
+_IGNORED_PARAMS = frozenset({"AUTH", "RET", "ENVID", "NOTIFY", "ORCPT"})
+_AUTH_FAILURE_WINDOW = 600.0
+
+
+class MessageSink(Protocol):
+    """Where spooled messages go next (the delivery scheduler)."""
+
+    def reserve(self, message_id: str) -> None: ...
+    def release(self, message_id: str) -> None: ...
+    def submit(self, message: QueuedMessage, data: bytes) -> None: ...
+
+
+@dataclass
+class ListenerState:
+    """State shared by every connection of every listener; `config` is swapped on reload."""
+
+    config: Config
+    spool: Spool
+    sink: MessageSink
+    metrics: Metrics
+    accepting: bool = True
+    connections: set[RelaySMTP] = field(default_factory=set)
+    per_client: dict[str, int] = field(default_factory=dict)
+    auth_failures: dict[str, tuple[int, float]] = field(default_factory=dict)
+    tls_contexts: dict[str, ssl.SSLContext] = field(default_factory=dict)
+
+
+def new_queue_id() -> str:
+    """Sortable, unique: microseconds since the epoch plus 24 random bits, in hex."""
+    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(3).upper()}"
+
+
+class RelaySMTP(SMTP):  # type: ignore[misc]
+    """aiosmtpd's protocol with the relay's limits, enhanced status codes and lenient params."""
+
+    def __init__(self, handler: RelayHandler, state: ListenerState, listener: ListenerConfig,
+                 **kwargs: Any) -> None:
+        # Legacy apps send long lines and bare-LF bodies (one "line" to the next CRLF); the
+        # message size limit bounds memory instead of the RFC's 1000-octet line limit.
+        self.line_length_limit = max(state.config.access.max_message_size, 1001)
+        super().__init__(handler, **kwargs)
+        self.state = state
+        self.listener = _current_listener(state.config, listener)
+        self.client_ip = ""
+        self._refused = False
+        self._in_ehlo = False
+
+    # -- connection bookkeeping and limits
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.client_ip or self._refused:
+            # STARTTLS calls connection_made again on the same protocol object.
+            super().connection_made(transport)
+            return
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else ""
+        refusal = self._admission_refusal()
+        if refusal is not None:
+            self._refused = True
+            self.state.metrics.rejected.labels(listener=self.listener.name, reason=refusal).inc()
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"421 4.7.0 " + _REFUSALS[refusal] + b"\r\n")
+            transport.close()
+            return
+        self.state.connections.add(self)
+        self.state.per_client[self.client_ip] = self.state.per_client.get(self.client_ip, 0) + 1
+        self.state.metrics.connections.labels(listener=self.listener.name).inc()
+        self.state.metrics.connections_open.labels(listener=self.listener.name).inc()
+        super().connection_made(transport)
+
+    def _admission_refusal(self) -> str | None:
+        access = self.state.config.access
+        if not self.state.accepting:
+            return "shutting_down"
+        if len(self.state.connections) >= access.max_connections:
+            return "too_many_connections"
+        if self.state.per_client.get(self.client_ip, 0) >= access.max_connections_per_client:
+            return "too_many_connections_from_client"
+        return None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self in self.state.connections:
+            self.state.connections.discard(self)
+            left = self.state.per_client.get(self.client_ip, 1) - 1
+            if left > 0:
+                self.state.per_client[self.client_ip] = left
+            else:
+                self.state.per_client.pop(self.client_ip, None)
+            self.state.metrics.connections_open.labels(listener=self.listener.name).dec()
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None:
+            self.transport.write(b"421 4.4.2 Timeout, closing connection\r\n")
+        super()._timeout_cb()
+
+    @property
+    def is_tls(self) -> bool:
+        return self.listener.tls == "implicit" or self._tls_protocol is not None
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.envelope is not None and self.envelope.mail_from)
+
+    def close_for_shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.write(b"421 4.3.2 Service shutting down\r\n")
+            self.transport.close()
+
+    # -- replies
+
+    async def push(self, status: str | bytes) -> None:
+        response = status.encode("utf-8") if isinstance(status, str) else status
+        response = self._with_enhanced_code(response)
+        if response[:1] in (b"4", b"5") and response[3:4] == b" ":
+            self.state.metrics.rejected.labels(listener=self.listener.name,
+                                               reason=response[:3].decode()).inc()
+        await super().push(response)
+
+    def _with_enhanced_code(self, response: bytes) -> bytes:
+        # RFC 2034: only after EHLO, never on the EHLO reply itself nor on 220/334/354.
+        if self._in_ehlo or self.session is None or not self.session.extended_smtp:
+            return response
+        code, sep, text = response[:3], response[3:4], response[4:]
+        enhanced = _DEFAULT_ENHANCED.get(code)
+        if sep not in (b" ", b"") or enhanced is None or _ENHANCED.match(text):
+            return response
+        return code + b" " + enhanced + (b" " + text if text else b"")
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd does not reset its idle timer while reading DATA: give the upload its own.
+        self._reset_timeout(self.state.config.access.data_timeout)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._reset_timeout()
+
+    def _getparams(self, params: Any) -> dict[str, str | bool] | None:
+        result: dict[str, str | bool] | None = super()._getparams(params)
+        if result is not None:
+            for name in _IGNORED_PARAMS:
+                result.pop(name, None)
+        return result
+
+
+_REFUSALS = {
+    "shutting_down": b"Service shutting down, try again later",
+    "too_many_connections": b"Too many connections, try again later",
+    "too_many_connections_from_client": b"Too many connections from your address",
+}
+
+
+class RelayHandler:
+    """aiosmtpd handler hooks for one listener."""
+
+    def __init__(self, listener: ListenerConfig, state: ListenerState) -> None:
+        self._initial = listener
+        self.state = state
+
+    @property
+    def listener(self) -> ListenerConfig:
+        """This listener's settings from the current config (auth and policies reload)."""
+        return _current_listener(self.state.config, self._initial)
+
+    # -- EHLO and AUTH
+
+    async def handle_EHLO(self, server: RelaySMTP, session: SMTPSession,
+                          envelope: SMTPEnvelope, hostname: str, responses: list[str]
+                          ) -> list[str]:
+        session.host_name = hostname
+        *extensions, last = responses
+        lines = [line for line in extensions if not line.startswith("250-AUTH")]
+        if self._auth_offered(server):
+            lines.append("250-AUTH LOGIN PLAIN")
+        lines += ["250-ENHANCEDSTATUSCODES", "250-PIPELINING", last]
+        return lines
+
+    def _auth_offered(self, server: RelaySMTP) -> bool:
+        if self.listener.auth == "none":
+            return False
+        return server.is_tls or self.state.config.access.is_trusted(server.client_ip)
+
+    async def handle_AUTH(self, server: RelaySMTP, session: SMTPSession,
+                          envelope: SMTPEnvelope, args: list[str]) -> Any:
+        if self.listener.auth == "none":
+            return "502 5.5.1 AUTH not available on this listener"
+        if not self._auth_offered(server):
+            return "538 5.7.11 Encryption required for requested authentication mechanism"
+        if args and args[0].upper() not in ("PLAIN", "LOGIN"):
+            return "504 5.5.4 Unrecognized authentication type"
+        return MISSING
+
+    async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                return AuthResult(success=False, handled=False,
+                                  message="501 5.5.2 Can't decode base64")
+        parts = bytes(blob).split(b"\x00")
+        if len(parts) != 3:
+            return AuthResult(success=False, handled=False,
+                              message="501 5.5.2 Malformed AUTH PLAIN response")
+        return await self._check_credentials(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 2:
+            try:
+                login = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                return AuthResult(success=False, handled=False,
+                                  message="501 5.5.2 Can't decode base64")
+        else:
+            answer = await server.challenge_auth("Username:")
+            if answer is MISSING:
+                return AuthResult(success=False, handled=True)
+            login = bytes(answer)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._check_credentials(server, login, bytes(password))
+
+    async def _check_credentials(self, server: RelaySMTP, login: bytes, password: bytes
+                                 ) -> AuthResult:
+        name = login.decode("utf-8", "replace")
+        user = self.state.config.user(name)
+        # scrypt takes tens of milliseconds: off the event loop, and run for unknown users too
+        # so that timing does not reveal which names exist.
+        stored = user.password_hash.reveal() if user else _DUMMY_HASH
+        valid = await asyncio.to_thread(verify_password, password.decode("utf-8", "replace"),
+                                        stored)
+        if valid and user is not None:
+            self.state.auth_failures.pop(server.client_ip, None)
+            log.info("client %s authenticated as %s", server.client_ip, name)
+            return AuthResult(success=True, auth_data=LoginPassword(login, b""))
+        await self._slow_down_failure(server.client_ip)
+        self.state.metrics.auth_failures.labels(listener=self.listener.name).inc()
+        log.warning("failed AUTH from %s for user %r", server.client_ip, name[:64])
+        return AuthResult(success=False, handled=False,
+                          message="535 5.7.8 Authentication credentials invalid")
+
+    async def _slow_down_failure(self, client_ip: str) -> None:
+        """Each repeated failure from one address waits longer before its reply (up to 10 s)."""
+        now = time.monotonic()
+        count, first = self.state.auth_failures.get(client_ip, (0, now))
+        if now - first > _AUTH_FAILURE_WINDOW:
+            count, first = 0, now
+        count += 1
+        self.state.auth_failures[client_ip] = (count, first)
+        await asyncio.sleep(min(10.0, 0.25 * 2 ** (count - 1)))
+
+    # -- the transaction
+
+    async def handle_MAIL(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope,
+                          address: str, mail_options: list[str]) -> str:
+        if not self.state.accepting:
+            asyncio.get_running_loop().call_soon(server.close_for_shutdown)
+            return "421 4.3.2 Service shutting down, try again later"
+        refusal = self._relay_refusal(server, session)
+        if refusal:
+            return refusal
+        if not self._sender_allowed(session, address):
+            return f"553 5.7.1 Sender address <{address}> not allowed for this client"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return f"250 2.1.0 Sender <{address}> OK"
+
+    def _relay_refusal(self, server: RelaySMTP, session: SMTPSession) -> str | None:
+        if session.authenticated:
+            return None
+        if self.listener.auth == "required":
+            return "530 5.7.0 Authentication required"
+        if self.state.config.access.is_trusted(server.client_ip):
+            return None
+        return "530 5.7.0 Authentication required"
+
+    def _sender_allowed(self, session: SMTPSession, address: str) -> bool:
+        patterns = list(self.listener.allowed_senders)
+        if session.authenticated and session.login_data is not None:
+            user = self.state.config.user(session.login_data.decode("utf-8", "replace"))
+            if user is not None and user.allowed_senders:
+                patterns = list(user.allowed_senders)
+        if not patterns:
+            return True
+        lowered = address.lower()
+        return any(fnmatch.fnmatchcase(lowered, pattern.lower()) for pattern in patterns)
+
+    async def handle_RCPT(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.state.config.access.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return f"250 2.1.5 Recipient <{address}> OK"
+
+    async def handle_DATA(self, server: RelaySMTP, session: SMTPSession,
+                          envelope: SMTPEnvelope) -> str:
+        metrics = self.state.metrics
+        raw: bytes = envelope.original_content or b""
+        metrics.received.labels(listener=self.listener.name).inc()
+        metrics.bytes_in.inc(len(raw))
+        queue_id = new_queue_id()
+        ctx = self._context(server, session, envelope, queue_id, len(raw))
+        data = self._prepare(server, session, ctx, raw)
+        outcome = apply_rules(self.state.config.rules, ctx, data,
+                              client_headers=self.listener.client_headers)
+        self._count_rules(outcome.matched, outcome.fixed, outcome.dropped, outcome.warnings,
+                          queue_id)
+        data = outcome.data
+        options = _forwarded_options(envelope, data)
+        message = Envelope(ctx, data, options)
+        priority = _priority(data)
+        sink = self.state.sink
+        sink.reserve(queue_id)
+        try:
+            await self.state.spool.put(message, priority)
+        except SpoolError as exc:
+            sink.release(queue_id)
+            log.error("cannot spool a message from %s: %s", ctx.client_ip, exc)
+            return "452 4.3.1 Insufficient system storage, try again later"
+        except BaseException:
+            sink.release(queue_id)
+            raise
+        metrics.accepted.labels(listener=self.listener.name).inc()
+        sink.submit(_queued(ctx, options, priority, len(data)), data)
+        log.info("%s queued from %s: <%s> to %d recipient(s), %d bytes", queue_id, ctx.client_ip,
+                 ctx.mail_from, len(ctx.rcpt_tos), len(data),
+                 extra={"queue_id": queue_id, "client": ctx.client_ip, "sender": ctx.mail_from,
+                        "recipients": len(ctx.rcpt_tos), "size": len(data),
+                        "user": ctx.auth_user, "listener": ctx.listener})
+        return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    def _context(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope,
+                 queue_id: str, size: int) -> MessageContext:
+        user = session.login_data.decode("utf-8", "replace") if session.authenticated and \
+            session.login_data is not None else None
+        return MessageContext(queue_id=queue_id, mail_from=envelope.mail_from or "",
+                              rcpt_tos=tuple(envelope.rcpt_tos), client_ip=server.client_ip,
+                              auth_user=user, listener=self.listener.name, size=size)
+
+    def _prepare(self, server: RelaySMTP, session: SMTPSession, ctx: MessageContext,
+                 raw: bytes) -> bytes:
+        """CRLF line endings, a Received trace header, Message-ID and Date where missing."""
+        if raw.count(b"\n") != raw.count(b"\r\n"):
+            raw = _BARE_LF.sub(b"\r\n", raw)
+        if _LONG_LINE.search(raw):
+            raw = _break_long_lines(raw)
+        end = raw.find(b"\r\n\r\n")
+        header_block = raw if end < 0 else raw[:end + 2]
+        config = self.state.config
+        added = [_received_header(server, session, ctx, config.hostname)]
+        if not _HAS_MESSAGE_ID.search(header_block):
+            added.append(f"Message-ID: <{ctx.queue_id}@{config.hostname}>\r\n".encode())
+        if not _HAS_DATE.search(header_block):
+            added.append(f"Date: {format_datetime(ctx.received_at)}\r\n".encode())
+        if end < 0 and raw and not raw.endswith(b"\r\n"):
+            raw += b"\r\n"
+        return b"".join(added) + raw
+
+    def _count_rules(self, matched: tuple[str, ...], fixed: int, dropped: int,
+                     warnings: tuple[str, ...], queue_id: str) -> None:
+        metrics = self.state.metrics
+        for name in matched:
+            metrics.rule_matches.labels(rule=name).inc()
+        if fixed:
+            metrics.client_headers.labels(action="fixed").inc(fixed)
+        if dropped:
+            metrics.client_headers.labels(action="dropped").inc(dropped)
+        for warning in warnings:
+            log.warning("%s: %s", queue_id, warning, extra={"queue_id": queue_id})
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("error in an SMTP session: %s", type(error).__name__)
+        return "451 4.3.0 Internal error, try again later"
+
+
+# Verified for unknown user names so that a failure takes as long as for a known one.
+_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+def _break_long_lines(raw: bytes) -> bytes:
+    lines = raw.split(b"\r\n")
+    for index, line in enumerate(lines):
+        if len(line) > _MAX_LINE:
+            chunks = [line[:_MAX_LINE]]
+            chunks += [b" " + line[start:start + _MAX_LINE - 1]
+                       for start in range(_MAX_LINE, len(line), _MAX_LINE - 1)]
+            lines[index] = b"\r\n".join(chunks)
+    return b"\r\n".join(lines)
+
+
+def _received_header(server: RelaySMTP, session: SMTPSession, ctx: MessageContext,
+                     hostname: str) -> bytes:
+    helo = _UNPRINTABLE.sub("", session.host_name or "unknown")[:200] or "unknown"
+    protocol = "ESMTP" if session.extended_smtp else "SMTP"
+    if server.is_tls:
+        protocol += "S"
+    if ctx.auth_user:
+        protocol += "A"
+    stamp = format_datetime(ctx.received_at)
+    return (f"Received: from {helo} ([{ctx.client_ip}])\r\n\tby {hostname} (infobip-relay "
+            f"{__version__}) with {protocol} id {ctx.queue_id};\r\n\t{stamp}\r\n").encode()
+
+
+def _forwarded_options(envelope: SMTPEnvelope, data: bytes) -> tuple[str, ...]:
+    options = []
+    if any(option.upper() == "BODY=8BITMIME" for option in envelope.mail_options) or \
+            not data.isascii():
+        options.append("BODY=8BITMIME")
+    if envelope.smtp_utf8:
+        options.append("SMTPUTF8")
+    return tuple(options)
+
+
+def _priority(data: bytes) -> int:
+    end = data.find(b"\r\n\r\n")
+    match = _PRIORITY_HEADER.search(data, 0, end if end >= 0 else len(data))
+    if match is None:
+        return PRIORITIES["STANDARD"]
+    return PRIORITIES.get(match.group(1).decode("ascii").upper(), PRIORITIES["STANDARD"])
+
+
+def _queued(ctx: MessageContext, options: tuple[str, ...], priority: int, size: int
+            ) -> QueuedMessage:
+    now = time.time()
+    return QueuedMessage(
+        id=ctx.queue_id, state="queued", priority=priority, created=now, updated=now,
+        next_attempt=now, attempts=0, mail_from=ctx.mail_from,
+        recipients=tuple(Recipient(address) for address in ctx.rcpt_tos),
+        mail_options=options, size=size, client=ctx.client_ip, auth_user=ctx.auth_user,
+        listener=ctx.listener, last_reply=None, upstream_id=None,
+    )
+
+
+def _current_listener(config: Config, listener: ListenerConfig) -> ListenerConfig:
+    for candidate in config.listeners:
+        if candidate.name == listener.name:
+            return candidate
+    return listener
+
+
+def server_tls_context(listener: ListenerConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(listener.certificate), str(listener.private_key))
+    return context
+
+
+ProtocolFactory = Callable[[], RelaySMTP]
+
+
+def protocol_factory(listener: ListenerConfig, state: ListenerState) -> ProtocolFactory:
+    """Build the per-connection protocol factory for ``loop.create_server``."""
+    handler = RelayHandler(listener, state)
+
+    def factory() -> RelaySMTP:
+        config = state.config
+        starttls = state.tls_contexts.get(listener.name) if listener.tls == "starttls" else None
+        return RelaySMTP(
+            handler, state, listener,
+            data_size_limit=config.access.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.hostname,
+            ident=f"infobip-relay {__version__} ESMTP",
+            tls_context=starttls,
+            require_starttls=False,
+            timeout=config.access.command_timeout,
+            auth_required=False,
+            # aiosmtpd cannot see an implicit-TLS socket as TLS; the handler enforces the rule.
+            auth_require_tls=False,
+            loop=asyncio.get_running_loop(),
+        )
+
+    return factory

@@ -1,0 +1,429 @@
+"""The durable queue: SQLite in WAL mode with synchronous=FULL under ``queue.path``.
+
+`SpoolDB` is the synchronous store, used directly by the CLI (another process may be serving).
+`Spool` wraps one `SpoolDB` in a dedicated writer thread and batches concurrent operations into one
+transaction and one fsync (group commit): 50 sessions finishing DATA at once cost one fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from relay.envelope import Envelope
+from relay.errors import SpoolError
+
+State = Literal["queued", "deferred", "failed", "delivered"]
+RecipientState = Literal["pending", "delivered", "failed"]
+PRIORITIES = {"HIGH": 0, "STANDARD": 1, "LOW": 2}
+PRIORITY_NAMES = {value: key for key, value in PRIORITIES.items()}
+DB_NAME = "queue.sqlite3"
+_MAX_BATCH = 512
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id           TEXT PRIMARY KEY,
+    state        TEXT NOT NULL,
+    priority     INTEGER NOT NULL,
+    created      REAL NOT NULL,
+    updated      REAL NOT NULL,
+    next_attempt REAL NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    mail_from    TEXT NOT NULL,
+    recipients   TEXT NOT NULL,
+    mail_options TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    client       TEXT,
+    auth_user    TEXT,
+    listener     TEXT,
+    last_reply   TEXT,
+    upstream_id  TEXT,
+    data         BLOB
+);
+CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    address: str
+    state: RecipientState = "pending"
+    reply: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A spool record without its data (listing, scheduling, inspection)."""
+
+    id: str
+    state: State
+    priority: int
+    created: float
+    updated: float
+    next_attempt: float
+    attempts: int
+    mail_from: str
+    recipients: tuple[Recipient, ...]
+    mail_options: tuple[str, ...]
+    size: int
+    client: str | None
+    auth_user: str | None
+    listener: str | None
+    last_reply: str | None
+    upstream_id: str | None
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        return tuple(r.address for r in self.recipients if r.state == "pending")
+
+    @property
+    def priority_name(self) -> str:
+        return PRIORITY_NAMES.get(self.priority, str(self.priority))
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery attempt achieved, decided by the delivery module."""
+
+    recipients: tuple[Recipient, ...]
+    state: State
+    next_attempt: float
+    attempts: int
+    last_reply: str | None
+    upstream_id: str | None = None
+
+
+_COLUMNS = ("id, state, priority, created, updated, next_attempt, attempts, mail_from, recipients, "
+            "mail_options, size, client, auth_user, listener, last_reply, upstream_id")
+
+
+def _row_to_message(row: tuple[Any, ...]) -> QueuedMessage:
+    recipients = tuple(Recipient(item["a"], item["s"], item.get("r"))
+                       for item in json.loads(row[8]))
+    return QueuedMessage(
+        id=row[0], state=row[1], priority=row[2], created=row[3], updated=row[4],
+        next_attempt=row[5], attempts=row[6], mail_from=row[7], recipients=recipients,
+        mail_options=tuple(json.loads(row[9])), size=row[10], client=row[11], auth_user=row[12],
+        listener=row[13], last_reply=row[14], upstream_id=row[15],
+    )
+
+
+def _encode_recipients(recipients: Iterable[Recipient]) -> str:
+    return json.dumps([{"a": r.address, "s": r.state, "r": r.reply} for r in recipients],
+                      separators=(",", ":"))
+
+
+class SpoolDB:
+    """Synchronous access to the spool database. Not thread-safe: one thread per instance."""
+
+    def __init__(self, directory: Path, *, create: bool = True) -> None:
+        self.directory = directory
+        self.path = directory / DB_NAME
+        if create:
+            _make_private_dir(directory)
+        elif not self.path.exists():
+            raise SpoolError(f"no spool at {self.path}")
+        try:
+            self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30,
+                                        check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: the WAL is fsynced at every commit, so a 250 survives power loss.
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA busy_timeout=30000")
+            self.conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open spool {self.path}: {exc}") from exc
+        if create:
+            os.chmod(self.path, 0o600)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- writes (each runs inside a transaction opened by the caller or by `transaction`)
+
+    def transaction(self, operations: Callable[[], Any]) -> Any:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = operations()
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        return result
+
+    def insert(self, envelope: Envelope, priority: int, now: float) -> None:
+        ctx = envelope.context
+        recipients = _encode_recipients(Recipient(address) for address in ctx.rcpt_tos)
+        self.conn.execute(
+            "INSERT INTO messages (id, state, priority, created, updated, next_attempt, attempts,"
+            " mail_from, recipients, mail_options, size, client, auth_user, listener, data)"
+            " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
+             json.dumps(list(envelope.mail_options)), len(envelope.data), ctx.client_ip,
+             ctx.auth_user, ctx.listener, envelope.data),
+        )
+
+    def record(self, message_id: str, outcome: Outcome, now: float) -> bool:
+        """Store an attempt's outcome; delivered messages drop their data. False if deleted."""
+        drop_data = outcome.state == "delivered"
+        cursor = self.conn.execute(
+            "UPDATE messages SET state=?, recipients=?, next_attempt=?, attempts=?, last_reply=?,"
+            " upstream_id=COALESCE(?, upstream_id), updated=?"
+            + (", data=NULL" if drop_data else "")
+            + " WHERE id=?",
+            (outcome.state, _encode_recipients(outcome.recipients), outcome.next_attempt,
+             outcome.attempts, outcome.last_reply, outcome.upstream_id, now, message_id),
+        )
+        return cursor.rowcount > 0
+
+    def retry(self, message_id: str, now: float) -> bool:
+        """Make a deferred or failed message due now; its failed recipients are tried again."""
+        message = self.get(message_id)
+        if message is None or message.state == "delivered":
+            return False
+        recipients = tuple(Recipient(r.address, "pending", r.reply) if r.state == "failed" else r
+                           for r in message.recipients)
+        self.conn.execute(
+            "UPDATE messages SET state='queued', recipients=?, next_attempt=?, updated=?"
+            " WHERE id=?",
+            (_encode_recipients(recipients), now, now, message_id),
+        )
+        return True
+
+    def delete(self, message_id: str) -> bool:
+        return self.conn.execute("DELETE FROM messages WHERE id=?", (message_id,)).rowcount > 0
+
+    def prune_delivered(self, older_than: float) -> int:
+        return self.conn.execute(
+            "DELETE FROM messages WHERE state='delivered' AND updated < ?", (older_than,)
+        ).rowcount
+
+    # -- reads
+
+    def get(self, message_id: str) -> QueuedMessage | None:
+        row = self.conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?",  # noqa: S608
+                                (message_id,)).fetchone()
+        return _row_to_message(row) if row else None
+
+    def data(self, message_id: str) -> bytes | None:
+        row = self.conn.execute("SELECT data FROM messages WHERE id=?", (message_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
+        """(id, priority, created) of queued/deferred messages due by ``now``, most urgent first."""
+        return self.conn.execute(
+            "SELECT id, priority, created FROM messages WHERE state IN ('queued', 'deferred')"
+            " AND next_attempt <= ? ORDER BY priority, created LIMIT ?", (now, limit),
+        ).fetchall()
+
+    def next_due_time(self) -> float | None:
+        row = self.conn.execute(
+            "SELECT MIN(next_attempt) FROM messages WHERE state IN ('queued', 'deferred')"
+        ).fetchone()
+        return row[0] if row else None
+
+    def list(self, states: Iterable[str] | None = None, limit: int = 1000) -> list[QueuedMessage]:
+        wanted = tuple(states or ("queued", "deferred", "failed", "delivered"))
+        marks = ",".join("?" * len(wanted))
+        rows = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE state IN ({marks})"  # noqa: S608
+            " ORDER BY created LIMIT ?", (*wanted, limit),
+        ).fetchall()
+        return [_row_to_message(row) for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("queued", "deferred", "failed", "delivered"), 0)
+        for state, count in self.conn.execute(
+                "SELECT state, COUNT(*) FROM messages GROUP BY state"):
+            counts[state] = count
+        return counts
+
+    def oldest_pending(self) -> float | None:
+        row = self.conn.execute(
+            "SELECT MIN(created) FROM messages WHERE state IN ('queued', 'deferred')").fetchone()
+        return row[0] if row else None
+
+
+def _make_private_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpoolError(f"cannot create spool directory {directory}: {exc.strerror}") from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise SpoolError(f"spool directory {directory} is not writable")
+
+
+T = TypeVar("T")
+_Op = tuple[Callable[[SpoolDB], Any], asyncio.Future[Any], bool]
+
+
+class Spool:
+    """Async front of the spool: one writer thread, group commit, results back on the loop."""
+
+    def __init__(self, directory: Path) -> None:
+        self.db = SpoolDB(directory)
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._ops.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self.db.close()
+
+    # -- async API
+
+    async def put(self, envelope: Envelope, priority: int) -> None:
+        """Store a message; returns only once it is fsynced. Raises SpoolError otherwise."""
+        now = time.time()
+        await self._submit(lambda db: db.insert(envelope, priority, now), write=True)
+
+    async def record(self, message_id: str, outcome: Outcome) -> bool:
+        now = time.time()
+        result: bool = await self._submit(lambda db: db.record(message_id, outcome, now),
+                                          write=True)
+        return result
+
+    async def get(self, message_id: str) -> QueuedMessage | None:
+        result: QueuedMessage | None = await self._submit(lambda db: db.get(message_id))
+        return result
+
+    async def data(self, message_id: str) -> bytes | None:
+        result: bytes | None = await self._submit(lambda db: db.data(message_id))
+        return result
+
+    async def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
+        result: list[tuple[str, int, float]] = await self._submit(lambda db: db.due(now, limit))
+        return result
+
+    async def counts(self) -> dict[str, int]:
+        result: dict[str, int] = await self._submit(lambda db: db.counts())
+        return result
+
+    async def oldest_pending(self) -> float | None:
+        result: float | None = await self._submit(lambda db: db.oldest_pending())
+        return result
+
+    async def prune_delivered(self, older_than: float) -> int:
+        result: int = await self._submit(lambda db: db.prune_delivered(older_than), write=True)
+        return result
+
+    async def check_writable(self) -> bool:
+        """Readiness probe: a write transaction that changes nothing must go through."""
+        try:
+            await self._submit(lambda db: None, write=True)
+        except SpoolError:
+            return False
+        return True
+
+    def _submit(self, operation: Callable[[SpoolDB], Any], *, write: bool = False
+                ) -> asyncio.Future[Any]:
+        if self._loop is None or self._thread is None:
+            raise SpoolError("spool is not running")
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._ops.put((operation, future, write))
+        return future
+
+    # -- writer thread
+
+    def _run(self) -> None:
+        while True:
+            first = self._ops.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < _MAX_BATCH:
+                try:
+                    item = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._execute(batch)
+            if stop:
+                return
+
+    def _execute(self, batch: list[_Op]) -> None:
+        reads = [op for op in batch if not op[2]]
+        writes = [op for op in batch if op[2]]
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for operation, future, _ in reads:
+            results.append(self._call(operation, future))
+        if writes:
+            results.extend(self._commit_writes(writes))
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_resolve_all, results)
+
+    def _call(self, operation: Callable[[SpoolDB], Any], future: asyncio.Future[Any]
+              ) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
+        try:
+            return future, operation(self.db), None
+        except Exception as exc:
+            return future, None, _as_spool_error(exc)
+
+    def _commit_writes(self, writes: list[_Op]
+                       ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """Run every write in one transaction; a failing one is rolled back alone (savepoint)."""
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        conn = self.db.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for operation, future, _ in writes:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = operation(self.db)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    results.append((future, None, _as_spool_error(exc)))
+                else:
+                    results.append((future, value, None))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+            self.batches += 1
+            self.last_error = None
+        except sqlite3.Error as exc:
+            self.last_error = str(exc)
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            error = SpoolError(f"spool commit failed: {exc}")
+            return [(future, None, error) for _, future, _ in writes]
+        return results
+
+
+def _as_spool_error(exc: Exception) -> Exception:
+    # SQLite errors (disk full, I/O error, locked) become SpoolError, which callers turn into a
+    # temporary SMTP reply; anything else is a bug and keeps its type for the log.
+    return SpoolError(f"spool error: {exc}") if isinstance(exc, sqlite3.Error) else exc
+
+
+def _resolve_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in results:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
