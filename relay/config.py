@@ -432,7 +432,8 @@ def _build_listeners(raw: object, env: Mapping[str, str],
     seen: set[str] = set()
     for index, listener in enumerate(listeners):
         if listener.name in seen:
-            raise ConfigError(f"listeners[{index}].name", f"duplicate listener name {listener.name!r}")
+            raise ConfigError(f"listeners[{index}].name",
+                              f"duplicate listener name {listener.name!r}")
         seen.add(listener.name)
     return listeners
 
@@ -516,7 +517,8 @@ def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) 
     host = str(host)
     default_port = env.get("INFOBIP_SMTP_PORT") or 587
     port = _port(section.get("port", default_port), section.at("port"))
-    tls_choice = section.convert("tls", "auto", _choice(("auto", "starttls", "implicit", "none")))
+    tls_choice = section.convert("tls", env.get("INFOBIP_SMTP_TLS") or "auto",
+                                 _choice(("auto", "starttls", "implicit", "none")))
     tls = _upstream_tls(tls_choice, port, section)
     host_overridden = section.has("host") or bool(env.get("INFOBIP_SMTP_HOST"))
     if region is not None and not host_overridden and port not in region.ports:
