@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import fnmatch
+import itertools
 import logging
 import re
 import secrets
@@ -51,10 +52,13 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 # RFC 5321 caps a line at 998 octets + CRLF; like Postfix (smtp_line_length_limit) longer lines
 # are broken with CRLF + space, which is a valid fold in headers and keeps bodies deliverable.
 _MAX_LINE = 998
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (_MAX_LINE + 1))
+# Anchored at line starts, so the scan is linear in the message size.
+_LONG_LINE = re.compile(rb"(?m)^[^\r\n]{%d}" % (_MAX_LINE + 1))
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 # Harmless MAIL/RCPT parameters real clients send without them being advertised (Outlook and
 # vCenter send AUTH=<>): dropped rather than answered with 555.
+_SIMPLE_ADDRESS = re.compile(r"<([\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)*)>(.*)\Z",
+                             re.ASCII | re.DOTALL)
 _IGNORED_PARAMS = frozenset({"AUTH", "RET", "ENVID", "NOTIFY", "ORCPT"})
 _AUTH_FAILURE_WINDOW = 600.0
 
@@ -82,12 +86,19 @@ class ListenerState:
     tls_contexts: dict[str, ssl.SSLContext] = field(default_factory=dict)
 
 
+_ID_SALT = secrets.randbits(16)
+_ID_COUNTER = itertools.count(secrets.randbits(20))
+
+
 def new_queue_id() -> str:
-    """Sortable, unique: microseconds since the epoch plus 24 random bits, in hex."""
-    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(3).upper()}"
+    """Sortable and unique: microseconds since the epoch, a per-process salt and a counter.
+
+    No system randomness per message: os.urandom showed up at ~4 % of the CPU time.
+    """
+    return f"{time.time_ns() // 1000:013X}{_ID_SALT:04X}{next(_ID_COUNTER) & 0xFFFFF:05X}"
 
 
-class RelaySMTP(SMTP):  # type: ignore[misc]
+class RelaySMTP(SMTP):
     """aiosmtpd's protocol with the relay's limits, enhanced status codes and lenient params."""
 
     def __init__(self, handler: RelayHandler, state: ListenerState, listener: ListenerConfig,
@@ -115,7 +126,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         if refusal is not None:
             self._refused = True
             self.state.metrics.rejected.labels(listener=self.listener.name, reason=refusal).inc()
-            assert isinstance(transport, asyncio.WriteTransport)
+            assert isinstance(transport, asyncio.Transport)
             transport.write(b"421 4.7.0 " + _REFUSALS[refusal] + b"\r\n")
             transport.close()
             return
@@ -149,9 +160,9 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None:
+        if isinstance(self.transport, asyncio.Transport):
             self.transport.write(b"421 4.4.2 Timeout, closing connection\r\n")
-        super()._timeout_cb()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     @property
     def is_tls(self) -> bool:
@@ -162,7 +173,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         return bool(self.envelope is not None and self.envelope.mail_from)
 
     def close_for_shutdown(self) -> None:
-        if self.transport is not None:
+        if isinstance(self.transport, asyncio.Transport):
             self.transport.write(b"421 4.3.2 Service shutting down\r\n")
             self.transport.close()
 
@@ -200,6 +211,16 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
             await super().smtp_DATA(arg)
         finally:
             self._reset_timeout()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses every address with the email package (and defines a class per call):
+        # ~45 % of its time for small messages. Plain <local@domain> takes a regex instead.
+        if arg:
+            match = _SIMPLE_ADDRESS.match(arg.lstrip())
+            if match:
+                return match.group(1), match.group(2)
+        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        return result
 
     def _getparams(self, params: Any) -> dict[str, str | bool] | None:
         result: dict[str, str | bool] | None = super()._getparams(params)
@@ -445,7 +466,7 @@ class RelayHandler:
 
 
 # Verified for unknown user names so that a failure takes as long as for a known one.
-_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+_DUMMY_HASH = "scrypt$16384$8$1$" + "A" * 22 + "==$" + "A" * 43 + "="
 
 
 def _break_long_lines(raw: bytes) -> bytes:

@@ -46,7 +46,10 @@ def send(relay: ThreadRelay, data: bytes, sender: str = "app@example.com",
         return reply.split()[-1].decode()
 
 
-# One upstream connection in these tests, so messages arrive in the order they were sent.
+def start_one(start_relay, fake, **overrides: Any) -> ThreadRelay:
+    """One upstream connection, so that messages arrive in the order they were sent."""
+    return start_relay(fake, upstream={"connections": 1}, **overrides)
+
 
 
 def message(headers: str, body: bytes = b"Body line\r\n.dot line\r\n") -> bytes:
@@ -54,7 +57,7 @@ def message(headers: str, body: bytes = b"Body line\r\n.dot line\r\n") -> bytes:
 
 
 def test_the_issue_example_rules(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, upstream={"connections": 1}, rules=ISSUE_RULES)
+    relay = start_one(start_relay, fake_upstream, rules=ISSUE_RULES)
     send(relay, message("From: News <letters@news.example.com>\nSubject: Weekly\n"
                         "X-Internal-Route: a\nX-IB-Notify-Url: https://app.example.com/own\n"),
          sender="letters@news.example.com")
@@ -103,7 +106,7 @@ def test_envelope_client_and_size_conditions(fake_upstream, start_relay):
         {"name": "tagged", "when": {"header": {"X-App": "re:^billing-\\d+$"}},
          "set": {"X-IB-Callback-Data": "{queue_id}/{mail_from_domain}/{header_from_domain}"}},
     ]
-    relay = start_relay(fake_upstream, upstream={"connections": 1}, rules=rules)
+    relay = start_one(start_relay, fake_upstream, rules=rules)
     send(relay, message("From: a@example.com\nSubject: x\n"),
          rcpts=("a@example.net", "boss@VIP.example.net"))
     send(relay, message("From: a@example.com\nSubject: big\n", b"x" * 20000 + b"\r\n"))
@@ -123,7 +126,7 @@ def test_client_header_policies(fake_upstream, start_relay):
     ports = [free_port() for _ in range(3)]
     listeners = [{"name": policy, "address": "127.0.0.1", "port": port, "client_headers": policy}
                  for policy, port in zip(("fix", "strip", "keep"), ports, strict=True)]
-    relay = start_relay(fake_upstream, upstream={"connections": 1}, listeners=listeners)
+    relay = start_one(start_relay, fake_upstream, listeners=listeners)
     headers = ("From: a@example.com\nX-IB-Client-Priority: high\nX-IB-Track: TRUE\n"
                "X-IB-Notify-Url: not a url\nX-Other: kept\n")
     for port in ports:
@@ -143,7 +146,7 @@ def test_client_header_policies(fake_upstream, start_relay):
 
 
 def test_reload_swaps_rules_and_refuses_bad_ones(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, upstream={"connections": 1}, rules=[{"name": "one", "set": {"X-IB-Bulk-Id": "v1"}}])
+    relay = start_one(start_relay, fake_upstream, rules=[{"name": "one", "set": {"X-IB-Bulk-Id": "v1"}}])
     send(relay, message("From: a@example.com\n"))
 
     config = yaml.safe_load(relay.config_path.read_text())
@@ -162,7 +165,7 @@ def test_reload_swaps_rules_and_refuses_bad_ones(fake_upstream, start_relay):
 
 
 def test_connections_survive_reload(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, upstream={"connections": 1}, rules=[{"name": "one", "set": {"X-IB-Bulk-Id": "v1"}}])
+    relay = start_one(start_relay, fake_upstream, rules=[{"name": "one", "set": {"X-IB-Bulk-Id": "v1"}}])
     with smtplib.SMTP(*relay.address, timeout=10) as client:
         client.ehlo("client.example.com")
         client.sendmail("a@example.com", ["u@example.net"], message("From: a@example.com\n"))
