@@ -207,7 +207,8 @@ class Server:
         recent = health.last_success is not None and \
             time.time() - health.last_success < _READY_UPSTREAM_WINDOW
         if health.failures or not recent:
-            return False, f"upstream not reachable recently: {health.last_error or 'no contact yet'}"
+            reason = health.last_error or "no contact yet"
+            return False, f"upstream not reachable recently: {reason}"
         return True, "ready"
 
     async def refresh_stats(self) -> None:
@@ -290,6 +291,8 @@ def _warn_unreloadable(old: Config, new: Config) -> None:
 
 def read_pid(directory: Path) -> int | None:
     try:
-        return int((directory / PID_FILE).read_text(encoding="ascii").strip())
+        pid = int((directory / PID_FILE).read_text(encoding="ascii").strip())
     except (OSError, ValueError):
         return None
+    # 0 and negative numbers would signal a whole process group: never trust them.
+    return pid if pid > 0 else None

@@ -197,7 +197,10 @@ def load_config(path: str | os.PathLike[str] | None = None,
     except UnicodeDecodeError:
         raise ConfigError("", f"config file {file_path} is not UTF-8 text") from None
     raw = _parse_yaml(text, file_path)
-    raw = _expand_env(raw, env, "")
+    try:
+        raw = _expand_env(raw, env, "")
+    except RecursionError:
+        raise ConfigError("", f"{file_path}: recursive YAML alias") from None
     return _build(raw, env, source=str(file_path), base_dir=file_path.parent)
 
 
@@ -224,7 +227,10 @@ def _expand_env(value: Any, env: Mapping[str, str], path: str) -> Any:
     if isinstance(value, dict):
         return {key: _expand_env(item, env, _join(path, str(key))) for key, item in value.items()}
     if isinstance(value, list):
-        return [_expand_env(item, env, f"{path}[{index}]") for index, item in enumerate(value)]
+        # Rule paths count from 1, like the rule engine's own errors and default rule names.
+        start = 1 if path == "rules" else 0
+        return [_expand_env(item, env, f"{path}[{index}]")
+                for index, item in enumerate(value, start=start)]
     if isinstance(value, str) and "${" in value:
 
         def substitute(match: re.Match[str]) -> str:
@@ -364,6 +370,9 @@ def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[Any],
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
+    # `${VAR}` expansion yields strings: accept their spelling of a YAML boolean.
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     raise ValueError(f"expected true or false, got {value!r}")
 
 
@@ -400,7 +409,11 @@ def _path(base_dir: Path | None) -> Callable[[Any], Path]:
 
 def _build_access(raw: object, env: Mapping[str, str]) -> AccessConfig:
     section = _Section(raw, "access")
-    default_networks = _networks(env.get("RELAY_TRUSTED_NETWORKS") or list(LOOPBACK_NETWORKS))
+    try:
+        default_networks = _networks(env.get("RELAY_TRUSTED_NETWORKS")
+                                     or list(LOOPBACK_NETWORKS))
+    except ValueError as exc:
+        raise ConfigError("RELAY_TRUSTED_NETWORKS", str(exc)) from None
     access = AccessConfig(
         trusted_networks=section.convert("trusted_networks", default_networks, _networks),
         max_message_size=section.convert("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, parse_size),
@@ -475,6 +488,9 @@ def _check_certificate(certificate: Path | None, private_key: Path | None, path:
         raise ConfigError(f"{path}.certificate", "required when tls is starttls or implicit")
     if private_key is None:
         raise ConfigError(f"{path}.private_key", "required when tls is starttls or implicit")
+    for key, file in (("certificate", certificate), ("private_key", private_key)):
+        if not file.is_file():
+            raise ConfigError(f"{path}.{key}", f"file not found: {file}")
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
             str(certificate), str(private_key))
@@ -491,11 +507,15 @@ def _build_users(raw: object) -> tuple[UserConfig, ...]:
     if not isinstance(raw, list):
         raise ConfigError("users", "expected a list of {name, password_hash, allowed_senders}")
     users = []
+    seen: set[str] = set()
     for index, item in enumerate(raw):
         section = _Section(item, f"users[{index}]")
         name = section.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(section.at("name"), "required: the user name clients log in with")
+        if name in seen:
+            raise ConfigError(section.at("name"), f"duplicate user name {name!r}")
+        seen.add(name)
         password_hash = str(section.get("password_hash", ""))
         try:
             check_hash_format(password_hash)

@@ -32,7 +32,10 @@ def parse_size(value: object) -> int:
     if isinstance(value, str):
         match = _NUMBER_UNIT.match(value)
         if match and match.group(2).lower() in _SIZE_UNITS:
-            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+            size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+            if size < 2**63:
+                return int(size)
+            raise ValueError(f"size {value!r} is too large")
     raise ValueError(f"expected a size such as 30MiB, 512KiB or a byte count, got {value!r}")
 
 
