@@ -11,8 +11,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -159,11 +160,11 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run(coroutine: asyncio.Future[None] | Callable[[], None] | object) -> None:
+def _run(coroutine: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
-        asyncio.run(coroutine)  # type: ignore[arg-type]
+        asyncio.run(coroutine)
     else:
         uvloop.run(coroutine)
 
@@ -252,8 +253,9 @@ def _queue_show(args: argparse.Namespace) -> int:
     print(f"id:           {message.id}")
     print(f"state:        {message.state}")
     print(f"priority:     {message.priority_name}")
+    user = f", user {message.auth_user}" if message.auth_user else ""
     print(f"received:     {_stamp(message.created)} from {message.client} "
-          f"(listener {message.listener}{', user ' + message.auth_user if message.auth_user else ''})")
+          f"(listener {message.listener}{user})")
     print(f"size:         {message.size} bytes")
     print(f"attempts:     {message.attempts}")
     if message.state == "deferred":

@@ -309,7 +309,7 @@ class Delivery:
     # -- poller and housekeeping
 
     async def _poll(self) -> None:
-        """Schedule messages that are due: deferred ones, retried ones, those from before a restart."""
+        """Schedule due messages: deferred ones, retried ones, those left by an earlier run."""
         while not self._stopping:
             if self._ready.qsize() < _POLL_BATCH // 2:
                 try:

@@ -8,6 +8,7 @@ transaction and one fsync (group commit): 50 sessions finishing DATA at once cos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -106,6 +107,12 @@ _COLUMNS = ("id, state, priority, created, updated, next_attempt, attempts, mail
             "mail_options, size, client, auth_user, listener, last_reply, upstream_id")
 
 
+_RECORD = ("UPDATE messages SET state=?, recipients=?, next_attempt=?, attempts=?, last_reply=?,"
+           " upstream_id=COALESCE(?, upstream_id), updated=? WHERE id=?")
+# A delivered message keeps its record (for `queue list --state delivered`) but not its bytes.
+_RECORD_DELIVERED = _RECORD.replace(" WHERE", ", data=NULL WHERE")
+
+
 def _row_to_message(row: tuple[Any, ...]) -> QueuedMessage:
     recipients = tuple(Recipient(item["a"], item["s"], item.get("r"))
                        for item in json.loads(row[8]))
@@ -174,12 +181,9 @@ class SpoolDB:
 
     def record(self, message_id: str, outcome: Outcome, now: float) -> bool:
         """Store an attempt's outcome; delivered messages drop their data. False if deleted."""
-        drop_data = outcome.state == "delivered"
+        sql = _RECORD_DELIVERED if outcome.state == "delivered" else _RECORD
         cursor = self.conn.execute(
-            "UPDATE messages SET state=?, recipients=?, next_attempt=?, attempts=?, last_reply=?,"
-            " upstream_id=COALESCE(?, upstream_id), updated=?"
-            + (", data=NULL" if drop_data else "")
-            + " WHERE id=?",
+            sql,
             (outcome.state, _encode_recipients(outcome.recipients), outcome.next_attempt,
              outcome.attempts, outcome.last_reply, outcome.upstream_id, now, message_id),
         )
@@ -233,10 +237,11 @@ class SpoolDB:
 
     def list(self, states: Iterable[str] | None = None, limit: int = 1000) -> list[QueuedMessage]:
         wanted = tuple(states or ("queued", "deferred", "failed", "delivered"))
-        marks = ",".join("?" * len(wanted))
+        marks = ",".join("?" * len(wanted))  # placeholders only; values stay bound parameters
         rows = self.conn.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE state IN ({marks})"  # noqa: S608
-            " ORDER BY created LIMIT ?", (*wanted, limit),
+            " ORDER BY created LIMIT ?",
+            (*wanted, limit),
         ).fetchall()
         return [_row_to_message(row) for row in rows]
 
@@ -404,10 +409,8 @@ class Spool:
             self.last_error = None
         except sqlite3.Error as exc:
             self.last_error = str(exc)
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             error = SpoolError(f"spool commit failed: {exc}")
             return [(future, None, error) for _, future, _ in writes]
         return results

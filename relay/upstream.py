@@ -78,7 +78,7 @@ class UpstreamConnection:
 
     async def send(self, mail_from: str, recipients: tuple[str, ...], data: bytes,
                    mail_options: tuple[str, ...] = ()) -> SendResult:
-        """Forward one message. Raises UpstreamUnavailable / UpstreamAuthError for the connection."""
+        """Forward one message; UpstreamUnavailable / UpstreamAuthError are about the connection."""
         smtp = await self._ready_connection()
         timeout = max(self.config.timeout, len(data) / _UPLOAD_RATE)
         try:
@@ -192,8 +192,8 @@ class UpstreamConnection:
         for mechanism in ("PLAIN", "LOGIN"):
             if mechanism in offered:
                 return mechanism
-        raise UpstreamAuthError(
-            f"upstream offers no AUTH PLAIN or LOGIN (offers: {', '.join(sorted(offered)) or 'none'})")
+        offers = ", ".join(sorted(offered)) or "none"
+        raise UpstreamAuthError(f"upstream offers no AUTH PLAIN or LOGIN (offers: {offers})")
 
 
 def _describe(exc: aiosmtplib.SMTPException) -> str:

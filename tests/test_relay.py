@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import smtplib
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from fakeupstream import FakeUpstream
-from relayrunner import ThreadRelay
+from relayrunner import ThreadRelay, relay_config, write_config
 
 from relay.cli import main as cli_main
-from relay.spool import SpoolDB
+from relay.config import load_config
+from relay.delivery import Delivery
+from relay.envelope import Envelope, MessageContext
+from relay.metrics import Metrics
+from relay.spool import PRIORITIES, Recipient, Spool, SpoolDB
+from relay.upstream import UpstreamConnection
 
 MESSAGE = (b"From: App <app@example.com>\r\nTo: user@example.net\r\nSubject: report\r\n"
            b"Message-ID: <m1@example.com>\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\n\r\n"
@@ -117,7 +123,7 @@ def test_temporary_failure_is_retried(fake_upstream, start_relay):
     relay = start_relay(fake_upstream)
     fake_upstream.fail_next("data", 451, "4.3.0 try later")
     assert send(relay)[0] == 250
-    [received] = fake_upstream.wait_for(1, timeout=15)
+    fake_upstream.wait_for(1, timeout=15)
     [record] = wait_until(lambda: spool_messages(relay, ("delivered",)), what="delivered")
     assert record.attempts == 2
 
@@ -125,8 +131,7 @@ def test_temporary_failure_is_retried(fake_upstream, start_relay):
 def test_permanent_failure_is_kept_and_listed(fake_upstream, start_relay, capsys):
     relay = start_relay(fake_upstream)
     fake_upstream.fail_next("mail", 550, "5.7.1 sender not verified")
-    code, reply = send(relay)
-    queue_id = reply.split()[-1].decode()
+    queue_id = send(relay)[1].split()[-1].decode()
     wait_until(lambda: spool_messages(relay, ("failed",)), what="failed message")
     spool = str(relay.config.queue.path)
 
@@ -312,16 +317,6 @@ def test_spool_full_answers_452_and_keeps_nothing(fake_upstream, start_relay):
 
 def test_priority_header_orders_the_backlog(fake_upstream, tmp_path):
     """HIGH before STANDARD before LOW, whatever the arrival order."""
-    import asyncio
-
-    from relay.config import load_config
-    from relay.delivery import Delivery
-    from relay.envelope import Envelope, MessageContext
-    from relay.metrics import Metrics
-    from relay.spool import PRIORITIES, Recipient, Spool
-    from relay.upstream import UpstreamConnection
-    from relayrunner import relay_config, write_config
-
     config = load_config(write_config(tmp_path, relay_config(tmp_path, fake_upstream,
                                                              upstream={"connections": 1})))
 
@@ -360,8 +355,6 @@ def test_messages_expire_after_max_age(fake_upstream, start_relay):
 
 
 def test_metrics_and_health_endpoints(fake_upstream, start_relay):
-    import urllib.request
-
     relay = start_relay(fake_upstream)
     send(relay)
     fake_upstream.wait_for(1)
