@@ -20,7 +20,7 @@ from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError
 from relay.listener import ListenerState, protocol_factory, server_tls_context
 from relay.metrics import HealthServer, Metrics
-from relay.spool import Spool
+from relay.spool import Spool, absorb_spool, find_spools, worker_spool_dir
 from relay.upstream import UpstreamConnection
 
 log = logging.getLogger("relay.server")
@@ -37,9 +37,16 @@ class StartupError(RelayError):
 class Server:
     """One relay instance. `serve()` runs until SIGTERM/SIGINT (or `request_stop()`)."""
 
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(self, config: Config, config_path: str | None = None, *,
+                 worker: int = 0, workers: int = 1) -> None:
         self.config = config
         self.config_path = config_path
+        # With several worker processes each owns a spool and a metrics port of its own and
+        # shares the SMTP ports (SO_REUSEPORT); the supervisor owns the pid file and systemd.
+        self.worker = worker
+        self.workers = workers
+        self.spool_dir = worker_spool_dir(config.queue.path, worker)
+        self.supervised = workers > 1
         self.metrics = Metrics()
         self.spool: Spool | None = None
         self.delivery: Delivery | None = None
@@ -48,6 +55,7 @@ class Server:
         self.listeners: list[asyncio.Server] = []
         self.bound: dict[str, tuple[str, int]] = {}
         self.metrics_port: int | None = None
+        self.on_ready: Callable[[], None] | None = None
         self._stop = asyncio.Event()
         self._lock_file: IO[str] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -76,9 +84,10 @@ class Server:
 
     async def startup(self) -> None:
         config = self.config
-        self._lock_spool(config.queue.path)
+        self._lock_spool(self.spool_dir)
         try:
-            self.spool = Spool(config.queue.path)
+            self.spool = Spool(self.spool_dir)
+            self._absorb_orphan_spools()
         except SpoolError as exc:
             raise StartupError(str(exc)) from exc
         self.spool.start()
@@ -89,20 +98,25 @@ class Server:
         await self._start_listeners(config)
         await self._start_health(config)
         await self.delivery.start()
-        self._write_pid(config.queue.path)
-        self._start_watchdog()
+        if not self.supervised:
+            self._write_pid(config.queue.path)
+            self._start_watchdog()
         counts = await self.spool.counts()
         pending = counts["queued"] + counts["deferred"]
         log.info("infobip-relay ready: listening on %s; upstream %s:%d (%s); %d message(s) "
                  "waiting in %s", ", ".join(f"{h}:{p}" for h, p in self.bound.values()),
                  config.upstream.host, config.upstream.port, config.upstream.tls, pending,
-                 config.queue.path)
-        sdnotify.ready(f"relaying; {pending} message(s) queued")
+                 self.spool_dir)
+        if not self.supervised:
+            sdnotify.ready(f"relaying; {pending} message(s) queued")
         self.started.set()
+        if self.on_ready is not None:
+            self.on_ready()
 
     async def shutdown(self) -> None:
         """Stop accepting, let sessions and sends in flight finish within the grace period."""
-        sdnotify.stopping()
+        if not self.supervised:
+            sdnotify.stopping()
         config = self.config
         log.info("shutting down (grace period %.0fs)", config.grace_period)
         deadline = time.monotonic() + config.grace_period
@@ -129,13 +143,15 @@ class Server:
             await self.health_server.stop()
         if self.spool is not None:
             await self.spool.close()
-        self._remove_pid(config.queue.path)
+        if not self.supervised:
+            self._remove_pid(config.queue.path)
         self._unlock_spool()
         log.info("stopped; every accepted message is in the spool")
 
     async def reload(self) -> bool:
         """Re-read the config: rules, access, users, upstream and certificates change in place."""
-        sdnotify.reloading()
+        if not self.supervised:
+            sdnotify.reloading()
         try:
             try:
                 new = load_config(self.config_path)
@@ -148,7 +164,8 @@ class Server:
             self.config = new
             if self.state is not None:
                 self.state.config = new
-                self.state.tls_contexts = tls_contexts
+                self.state.tls_contexts = _adopt_certificates(self.state.tls_contexts,
+                                                              tls_contexts, new)
             if self.delivery is not None:
                 if upstream_changed:
                     self.delivery.reconfigure(new, self._connection_factory(new))
@@ -157,7 +174,8 @@ class Server:
             log.info("configuration reloaded from %s (%d rule(s))", new.source, len(new.rules))
             return True
         finally:
-            sdnotify.ready("relaying")
+            if not self.supervised:
+                sdnotify.ready("relaying")
 
     # -- parts
 
@@ -178,7 +196,8 @@ class Server:
             try:
                 server = await loop.create_server(protocol_factory(listener, self.state),
                                                   listener.address, listener.port,
-                                                  ssl=implicit, backlog=1024)
+                                                  ssl=implicit, backlog=1024,
+                                                  reuse_port=self.supervised or None)
             except OSError as exc:
                 raise StartupError(f"listener {listener.name!r} cannot bind "
                                    f"{listener.address}:{listener.port}: {exc.strerror}") from exc
@@ -191,8 +210,8 @@ class Server:
             return
         self.health_server = HealthServer(self.metrics, self.readiness, self.refresh_stats)
         try:
-            self.metrics_port = await self.health_server.start(config.metrics.address,
-                                                               config.metrics.port)
+            port = config.metrics.port + self.worker if config.metrics.port else 0
+            self.metrics_port = await self.health_server.start(config.metrics.address, port)
         except OSError as exc:
             raise StartupError(f"metrics cannot bind {config.metrics.address}:"
                                f"{config.metrics.port}: {exc.strerror}") from exc
@@ -236,6 +255,21 @@ class Server:
 
     # -- spool directory bookkeeping
 
+    def _absorb_orphan_spools(self) -> None:
+        """Take over the spools of workers that no longer exist (the worker count went down)."""
+        assert self.spool is not None
+        base = self.config.queue.path
+        for directory in find_spools(base):
+            suffix = directory.name.removeprefix("worker-")
+            if directory == base or not suffix.isdigit():
+                continue
+            index = int(suffix)
+            if index < self.workers or index % self.workers != self.worker:
+                continue
+            moved = absorb_spool(self.spool.db, directory)
+            if moved:
+                log.info("took over %d message(s) from %s", moved, directory)
+
     def _lock_spool(self, directory: Path) -> None:
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -275,6 +309,22 @@ def _listener_tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"listeners[{index}].certificate", f"cannot load: {exc}") from None
     return contexts
+
+
+def _adopt_certificates(current: dict[str, ssl.SSLContext], fresh: dict[str, ssl.SSLContext],
+                        config: Config) -> dict[str, ssl.SSLContext]:
+    """Load reloaded certificates into the contexts in use.
+
+    An implicit-TLS asyncio server keeps the context it was created with, so new certificates
+    must go into that same object; `fresh` was built first to prove the files load.
+    """
+    adopted = dict(fresh)
+    for listener in config.listeners:
+        context = current.get(listener.name)
+        if context is not None and listener.name in fresh:
+            context.load_cert_chain(str(listener.certificate), str(listener.private_key))
+            adopted[listener.name] = context
+    return adopted
 
 
 def _warn_unreloadable(old: Config, new: Config) -> None:

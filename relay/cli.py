@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import datetime as dt
 import getpass
 import json
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import yaml
 
@@ -26,9 +24,11 @@ from relay.logs import configure_logging
 from relay.passwords import hash_password
 from relay.regions import format_region_table
 from relay.rules import render_rules_report
-from relay.spool import QueuedMessage, SpoolDB
+from relay.spool import QueuedMessage, SpoolDB, find_spools
+from relay.supervisor import run_server, run_workers
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+T = TypeVar("T")
 
 
 class CLIError(RelayError):
@@ -155,18 +155,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format, iter_secret_values(config))
-    server = Server(config, args.config)
-    _run(server.serve())
+    if config.workers > 1:
+        return run_workers(config, args.config, run_server)
+    run_server(Server(config, args.config))
     return EXIT_OK
-
-
-def _run(coroutine: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        asyncio.run(coroutine)
-    else:
-        uvloop.run(coroutine)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -216,14 +208,40 @@ def _spool_dir(args: argparse.Namespace) -> Path:
     return config.queue.path
 
 
-def _open_spool(args: argparse.Namespace) -> SpoolDB:
-    return SpoolDB(_spool_dir(args), create=False)
+def _open_spools(args: argparse.Namespace) -> list[SpoolDB]:
+    """The spool and, with several workers, every worker's spool under it."""
+    directory = _spool_dir(args)
+    paths = find_spools(directory)
+    if not paths:
+        raise CLIError(f"no spool at {directory}")
+    return [SpoolDB(path, create=False) for path in paths]
+
+
+def _in_spools(args: argparse.Namespace, action: Callable[[SpoolDB], T | None]) -> T | None:
+    """Run ``action`` on each spool until one returns something other than None/False."""
+    databases = _open_spools(args)
+    try:
+        for db in databases:
+            result = action(db)
+            if result:
+                return result
+        return None
+    finally:
+        for db in databases:
+            db.close()
 
 
 def _queue_list(args: argparse.Namespace) -> int:
     states = args.state or ["queued", "deferred", "failed"]
-    with contextlib.closing(_open_spool(args)) as db:
-        messages = db.list(states, args.limit)
+    messages: list[QueuedMessage] = []
+    databases = _open_spools(args)
+    try:
+        for db in databases:
+            messages.extend(db.list(states, args.limit))
+    finally:
+        for db in databases:
+            db.close()
+    messages = sorted(messages, key=lambda message: message.created)[:args.limit]
     if args.json:
         print(json.dumps([_message_dict(m) for m in messages], indent=2))
         return EXIT_OK
@@ -243,8 +261,7 @@ def _queue_list(args: argparse.Namespace) -> int:
 
 
 def _queue_show(args: argparse.Namespace) -> int:
-    with contextlib.closing(_open_spool(args)) as db:
-        message = db.get(args.id)
+    message = _in_spools(args, lambda db: db.get(args.id))
     if message is None:
         raise CLIError(f"no message {args.id} in the spool")
     if args.json:
@@ -271,8 +288,8 @@ def _queue_show(args: argparse.Namespace) -> int:
 
 
 def _queue_retry(args: argparse.Namespace) -> int:
-    with contextlib.closing(_open_spool(args)) as db:
-        done = db.transaction(lambda: db.retry(args.id, dt.datetime.now().timestamp()))
+    now = dt.datetime.now().timestamp()
+    done = _in_spools(args, lambda db: db.transaction(lambda: db.retry(args.id, now)))
     if not done:
         raise CLIError(f"no queued, deferred or failed message {args.id} in the spool")
     print(f"{args.id} will be retried now")
@@ -280,8 +297,7 @@ def _queue_retry(args: argparse.Namespace) -> int:
 
 
 def _queue_delete(args: argparse.Namespace) -> int:
-    with contextlib.closing(_open_spool(args)) as db:
-        done = db.transaction(lambda: db.delete(args.id))
+    done = _in_spools(args, lambda db: db.transaction(lambda: db.delete(args.id)))
     if not done:
         raise CLIError(f"no message {args.id} in the spool")
     print(f"{args.id} deleted")

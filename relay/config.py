@@ -166,6 +166,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     hostname: str = "localhost"
     grace_period: float = 30.0
+    workers: int = 1
     source: str = "environment"
 
     def user(self, name: str) -> UserConfig | None:
@@ -309,14 +310,24 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
     rules = compile_rules(top.get("rules"), "rules")
     hostname = top.convert("hostname", socket.gethostname() or "localhost", _hostname)
     grace = top.convert("grace_period", 30.0, parse_duration)
+    workers = top.convert("workers", env.get("RELAY_WORKERS") or 1, _workers)
     top.finish()
     config = Config(
         listeners=listeners, access=access, upstream=upstream, queue=queue, rules=rules,
         users=users, metrics=metrics, logging=logging_config, hostname=hostname,
-        grace_period=grace, source=source,
+        grace_period=grace, workers=workers, source=source,
     )
     _check_relay_policy(config)
     return config
+
+
+def _workers(value: object) -> int:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, min(os.cpu_count() or 1, 64))
+    count = _positive_int(value)
+    if count > 64:
+        raise ValueError("at most 64 workers")
+    return count
 
 
 def _hostname(value: object) -> str:

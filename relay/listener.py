@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import fnmatch
 import itertools
 import logging
@@ -160,9 +161,12 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
-        if isinstance(self.transport, asyncio.Transport):
-            self.transport.write(b"421 4.4.2 Timeout, closing connection\r\n")
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
+        transport = self.transport
+        if isinstance(transport, asyncio.Transport) and not transport.is_closing():
+            with contextlib.suppress(Exception):  # a TLS transport may be half torn down
+                transport.write(b"421 4.4.2 Timeout, closing connection\r\n")
+        if self.transport is not None:
+            super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     @property
     def is_tls(self) -> bool:

@@ -258,6 +258,38 @@ class SpoolDB:
         return row[0] if row else None
 
 
+def worker_spool_dir(directory: Path, index: int) -> Path:
+    """Worker 0 uses queue.path itself (so one worker equals the single-process layout)."""
+    return directory if index == 0 else directory / f"worker-{index}"
+
+
+def find_spools(directory: Path) -> list[Path]:
+    """Every spool directory under queue.path: its own and those of worker processes."""
+    found = [directory] if (directory / DB_NAME).exists() else []
+    workers = [path for path in directory.glob("worker-*") if (path / DB_NAME).exists()]
+    return found + sorted(workers, key=lambda path: int(path.name.split("-")[1])
+                          if path.name.split("-")[1].isdigit() else 1 << 30)
+
+
+def absorb_spool(target: SpoolDB, source_dir: Path) -> int:
+    """Move every message of another spool into ``target`` (a worker count went down).
+
+    Idempotent: ids are unique, so re-running after a crash between the two commits neither
+    loses nor duplicates a message.
+    """
+    source = SpoolDB(source_dir, create=False)
+    try:
+        rows = source.conn.execute("SELECT * FROM messages").fetchall()
+        if rows:
+            marks = ",".join("?" * len(rows[0]))
+            target.transaction(lambda: target.conn.executemany(
+                f"INSERT OR IGNORE INTO messages VALUES ({marks})", rows))  # noqa: S608
+            source.transaction(lambda: source.conn.execute("DELETE FROM messages"))
+    finally:
+        source.close()
+    return len(rows)
+
+
 def _make_private_dir(directory: Path) -> None:
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
