@@ -32,7 +32,10 @@ def run_workers(config: Config, config_path: str | None, run: Runner) -> int:
     """Fork the workers, supervise them until a stop signal; returns the exit code."""
     count = config.workers
     supervisor = _Supervisor(config, config_path, run)
+    supervisor.install_signal_handlers()  # before the first fork: a TERM may come at any time
     for index in range(count):
+        if supervisor.stopping:
+            break
         if not supervisor.spawn(index, wait_ready=True):
             supervisor.stop_all()
             return 1
@@ -90,10 +93,12 @@ class _Supervisor:
         finally:
             os._exit(code)
 
-    def supervise(self) -> int:
+    def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
+
+    def supervise(self) -> int:
         failed = False
         while self.children:
             try:

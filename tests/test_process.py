@@ -14,6 +14,8 @@ import pytest
 from relayrunner import REPO, relay_config
 from util import free_port
 
+from relay.cli import main as cli_main
+
 pytestmark = pytest.mark.slow
 
 
@@ -130,7 +132,65 @@ def test_missing_api_key_is_one_clear_line(tmp_path: Path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("INFOBIP_", "RELAY_"))}
     result = subprocess.run([sys.executable, "-m", "relay.cli", "serve"], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=30)
+                            capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 1
     assert "INFOBIP_API_KEY" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def worker_pids(supervisor_pid: int) -> list[int]:
+    children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children")
+    return [int(pid) for pid in children.read_text().split()]
+
+
+def test_workers_share_the_port_and_survive_a_worker_crash(fake_upstream, start_relay_process,
+                                                           tmp_path, capsys):
+    config = relay_config(tmp_path, fake_upstream, workers=2)
+    relay = start_relay_process(config)
+    assert relay.proc is not None
+    deadline = time.monotonic() + 10
+    while len(worker_pids(relay.proc.pid)) < 2:
+        assert time.monotonic() < deadline, relay.log()
+        time.sleep(0.05)
+    first, second = worker_pids(relay.proc.pid)
+
+    for _ in range(10):  # separate connections, spread by the kernel over both workers
+        send_numbered(relay.address, 2)
+    fake_upstream.wait_for(20)
+
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while first in worker_pids(relay.proc.pid) or len(worker_pids(relay.proc.pid)) < 2:
+        assert time.monotonic() < deadline, relay.log()
+        time.sleep(0.05)
+    assert second in worker_pids(relay.proc.pid)
+    time.sleep(0.5)
+    send_numbered(relay.address, 2)
+    fake_upstream.wait_for(22)
+
+    spool = tmp_path / "spool"
+    assert (spool / "worker-1" / "queue.sqlite3").exists()
+    deadline = time.monotonic() + 10
+    while True:  # the record follows the upstream's 250 by a moment
+        assert cli_main(["queue", "list", "--state", "delivered", "--spool", str(spool)]) == 0
+        listed = capsys.readouterr().out
+        if listed.count(" delivered ") == 22 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert listed.count(" delivered ") == 22
+    assert relay.terminate() == 0
+
+
+def test_fewer_workers_take_over_orphaned_spools(fake_upstream, start_relay_process, tmp_path):
+    fake_upstream.stop()
+    relay = start_relay_process(relay_config(tmp_path, fake_upstream, workers=2))
+    for _ in range(10):
+        send_numbered(relay.address, 1)
+    assert relay.terminate() == 0
+
+    fake_upstream.start()
+    relay = start_relay_process(relay_config(tmp_path, fake_upstream, workers=1))
+    fake_upstream.wait_for(10, timeout=20)
+    time.sleep(0.5)
+    assert len(fake_upstream.messages) == 10
+    assert relay.terminate() == 0
