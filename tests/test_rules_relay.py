@@ -46,6 +46,9 @@ def send(relay: ThreadRelay, data: bytes, sender: str = "app@example.com",
         return reply.split()[-1].decode()
 
 
+ONE_RULE = [{"name": "one", "set": {"X-IB-Bulk-Id": "v1"}}]
+
+
 def start_one(start_relay, fake, **overrides: Any) -> ThreadRelay:
     """One upstream connection, so that messages arrive in the order they were sent."""
     return start_relay(fake, upstream={"connections": 1}, **overrides)
@@ -146,7 +149,7 @@ def test_client_header_policies(fake_upstream, start_relay):
 
 
 def test_reload_swaps_rules_and_refuses_bad_ones(fake_upstream, start_relay):
-    relay = start_one(start_relay, fake_upstream, rules=[{"name": "one", "set": {"X-IB-Bulk-Id": "v1"}}])
+    relay = start_one(start_relay, fake_upstream, rules=ONE_RULE)
     send(relay, message("From: a@example.com\n"))
 
     config = yaml.safe_load(relay.config_path.read_text())
@@ -165,7 +168,7 @@ def test_reload_swaps_rules_and_refuses_bad_ones(fake_upstream, start_relay):
 
 
 def test_connections_survive_reload(fake_upstream, start_relay):
-    relay = start_one(start_relay, fake_upstream, rules=[{"name": "one", "set": {"X-IB-Bulk-Id": "v1"}}])
+    relay = start_one(start_relay, fake_upstream, rules=ONE_RULE)
     with smtplib.SMTP(*relay.address, timeout=10) as client:
         client.ehlo("client.example.com")
         client.sendmail("a@example.com", ["u@example.net"], message("From: a@example.com\n"))
