@@ -177,14 +177,18 @@ class RelaySMTP(SMTP):
         return bool(self.envelope is not None and self.envelope.mail_from)
 
     def close_for_shutdown(self) -> None:
-        if isinstance(self.transport, asyncio.Transport):
-            self.transport.write(b"421 4.3.2 Service shutting down\r\n")
-            self.transport.close()
+        transport = self.transport
+        if isinstance(transport, asyncio.Transport) and not transport.is_closing():
+            with contextlib.suppress(Exception):  # a TLS transport may be half torn down
+                transport.write(b"421 4.3.2 Service shutting down\r\n")
+            transport.close()
 
     # -- replies
 
     async def push(self, status: str | bytes) -> None:
-        response = status.encode("utf-8") if isinstance(status, str) else status
+        # Replies may echo a client's address, undecodable bytes included (surrogateescape).
+        response = status.encode("utf-8", "surrogateescape") if isinstance(status, str) \
+            else status
         response = self._with_enhanced_code(response)
         if response[:1] in (b"4", b"5") and response[3:4] == b" ":
             self.state.metrics.rejected.labels(listener=self.listener.name,
@@ -214,7 +218,8 @@ class RelaySMTP(SMTP):
         try:
             await super().smtp_DATA(arg)
         finally:
-            self._reset_timeout()
+            if self.transport is not None:  # not after connection_lost cancelled the timer
+                self._reset_timeout()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every address with the email package (and defines a class per call):
