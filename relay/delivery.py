@@ -34,7 +34,7 @@ _PRUNE_INTERVAL = 3600.0
 _PROBE_INTERVAL = 60.0
 # Fresh messages keep their bytes in memory up to this total, sparing a spool read per message;
 # past it (a slow or absent upstream) they are read back from the spool when their turn comes.
-_MEMORY_BUDGET = 64 * 1024 * 1024
+_MEMORY_BUDGET = 16 * 1024 * 1024
 _MAX_CONNECT_BACKOFF = 60.0
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import format_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
@@ -60,6 +60,7 @@ _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 # vCenter send AUTH=<>): dropped rather than answered with 555.
 _SIMPLE_ADDRESS = re.compile(r"<([\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)*)>(.*)\Z",
                              re.ASCII | re.DOTALL)
+_DATA_CHUNK = 256 * 1024
 _IGNORED_PARAMS = frozenset({"AUTH", "RET", "ENVID", "NOTIFY", "ORCPT"})
 _AUTH_FAILURE_WINDOW = 600.0
 
@@ -89,6 +90,11 @@ class ListenerState:
 
 _ID_SALT = secrets.randbits(16)
 _ID_COUNTER = itertools.count(secrets.randbits(20))
+
+
+def _writable(transport: asyncio.BaseTransport) -> asyncio.WriteTransport:
+    # uvloop's transports do not subclass asyncio's ABCs, so no isinstance() check here.
+    return cast(asyncio.WriteTransport, transport)
 
 
 def new_queue_id() -> str:
@@ -127,8 +133,7 @@ class RelaySMTP(SMTP):
         if refusal is not None:
             self._refused = True
             self.state.metrics.rejected.labels(listener=self.listener.name, reason=refusal).inc()
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(b"421 4.7.0 " + _REFUSALS[refusal] + b"\r\n")
+            _writable(transport).write(b"421 4.7.0 " + _REFUSALS[refusal] + b"\r\n")
             transport.close()
             return
         self.state.connections.add(self)
@@ -162,9 +167,9 @@ class RelaySMTP(SMTP):
 
     def _timeout_cb(self) -> None:
         transport = self.transport
-        if isinstance(transport, asyncio.Transport) and not transport.is_closing():
+        if transport is not None and not transport.is_closing():
             with contextlib.suppress(Exception):  # a TLS transport may be half torn down
-                transport.write(b"421 4.4.2 Timeout, closing connection\r\n")
+                _writable(transport).write(b"421 4.4.2 Timeout, closing connection\r\n")
         if self.transport is not None:
             super()._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -178,9 +183,9 @@ class RelaySMTP(SMTP):
 
     def close_for_shutdown(self) -> None:
         transport = self.transport
-        if isinstance(transport, asyncio.Transport) and not transport.is_closing():
+        if transport is not None and not transport.is_closing():
             with contextlib.suppress(Exception):  # a TLS transport may be half torn down
-                transport.write(b"421 4.3.2 Service shutting down\r\n")
+                _writable(transport).write(b"421 4.3.2 Service shutting down\r\n")
             transport.close()
 
     # -- replies
@@ -213,13 +218,64 @@ class RelaySMTP(SMTP):
             self._in_ehlo = False
 
     async def smtp_DATA(self, arg: str) -> None:
+        """DATA read in bulk up to CRLF.CRLF instead of aiosmtpd's loop over every line.
+
+        Same semantics as aiosmtpd 1.4.6: only CRLF.CRLF ends the data (no smuggling with bare
+        LF), leading dots are unstuffed, an oversize message is read to its end and refused.
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
         # aiosmtpd does not reset its idle timer while reading DATA: give the upload its own.
         self._reset_timeout(self.state.config.access.data_timeout)
         try:
-            await super().smtp_DATA(arg)
+            content = await self._read_data()
         finally:
             if self.transport is not None:  # not after connection_lost cancelled the timer
                 self._reset_timeout()
+        if content is None:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push("552 Error: Too much mail data")
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> bytes | None:
+        """The unstuffed message, or None when it exceeded the size limit (then drained)."""
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        # A virtual CRLF in front, so that an empty message's lone "." is found like any other.
+        buffer = bytearray(b"\r\n")
+        scan_from = 0
+        too_much = False
+        while (end := buffer.find(b"\r\n.\r\n", scan_from)) < 0:
+            chunk = await reader.read(_DATA_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            scan_from = max(0, len(buffer) - 4)
+            buffer += chunk
+            if limit and len(buffer) > limit + 2 and buffer.find(b"\r\n.\r\n", scan_from) < 0:
+                too_much = True  # keep reading to the end, but only a tail for the terminator
+                del buffer[:-4]
+                scan_from = 0
+        leftover = buffer[end + 5:]
+        if leftover:  # pipelined commands after the dot go back to the command loop
+            reader._buffer[:0] = leftover  # type: ignore[attr-defined]
+        if too_much or (limit and end > limit):
+            return None
+        data = bytes(buffer[2:end + 2])
+        if data[:1] == b".":
+            data = data[1:]
+        return data.replace(b"\r\n.", b"\r\n") if b"\r\n." in data else data
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every address with the email package (and defines a class per call):

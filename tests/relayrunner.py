@@ -16,6 +16,11 @@ from typing import Any
 import yaml
 from util import free_port
 
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - the fast extra is optional
+    uvloop = None
+
 from relay.app import Server
 from relay.config import Config, load_config
 
@@ -65,7 +70,8 @@ class ThreadRelay:
         self.config_path = config_path
         self.config: Config = load_config(config_path)
         self.server = Server(self.config, str(config_path))
-        self.loop = asyncio.new_event_loop()
+        # The same event loop as production (`infobip-relay serve` prefers uvloop).
+        self.loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._error: BaseException | None = None
         self._started = threading.Event()

@@ -145,7 +145,8 @@ def worker_pids(supervisor_pid: int) -> list[int]:
 
 def test_workers_share_the_port_and_survive_a_worker_crash(fake_upstream, start_relay_process,
                                                            tmp_path, capsys):
-    config = relay_config(tmp_path, fake_upstream, workers=2)
+    # Metrics off: worker K would take metrics.port + K, which a test cannot reserve.
+    config = relay_config(tmp_path, fake_upstream, workers=2, metrics=False)
     relay = start_relay_process(config)
     assert relay.proc is not None
     deadline = time.monotonic() + 10
@@ -183,13 +184,15 @@ def test_workers_share_the_port_and_survive_a_worker_crash(fake_upstream, start_
 
 def test_fewer_workers_take_over_orphaned_spools(fake_upstream, start_relay_process, tmp_path):
     fake_upstream.stop()
-    relay = start_relay_process(relay_config(tmp_path, fake_upstream, workers=2))
+    relay = start_relay_process(relay_config(tmp_path, fake_upstream, workers=2,
+                                                           metrics=False))
     for _ in range(10):
         send_numbered(relay.address, 1)
     assert relay.terminate() == 0
 
     fake_upstream.start()
-    relay = start_relay_process(relay_config(tmp_path, fake_upstream, workers=1))
+    relay = start_relay_process(relay_config(tmp_path, fake_upstream, workers=1,
+                                                           metrics=False))
     fake_upstream.wait_for(10, timeout=20)
     time.sleep(0.5)
     assert len(fake_upstream.messages) == 10

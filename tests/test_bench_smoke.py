@@ -1,0 +1,174 @@
+"""Smoke test of the benchmark's upstream sink (bench/sink.py): implicit TLS + AUTH PLAIN with
+aiosmtplib, message counting, header detection, duplicate detection, pipelined input.
+
+Postfix and smtp-source are not run here (see bench/README.md for the benchmark itself)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+import trustme
+
+from bench.load import latency_stats, percentile, probe_match, probe_message
+from bench.report import format_table, summarize
+from bench.sink import CaseCount, SinkCluster, count_case, smtp_source_match
+
+API_KEY = "smoke-key"
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    directory = tmp_path_factory.mktemp("bench-tls")
+    ca_file, cert_file, key_file = (directory / name for name in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return ca_file, cert_file, key_file
+
+
+@pytest.fixture
+def sink(tls: tuple[Path, Path, Path]) -> Iterator[SinkCluster]:
+    _, cert_file, key_file = tls
+    cluster = SinkCluster(cert=str(cert_file), key=str(key_file), password=API_KEY).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _message(number: int, *, header: bool = True, message_id: str | None = None) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "sender@bench.example.com"
+    msg["To"] = "rcpt@example.net"
+    msg["Subject"] = f"smoke {number}"
+    msg["Message-Id"] = message_id or f"<smoke.{number}@bench>"
+    if header:
+        msg["X-IB-Client-Priority"] = "LOW"
+    msg.set_content(f"body {number}\n.leading dot\n" + "x" * 3000 + "\n")
+    return msg
+
+
+async def _send(port: int, ca_file: Path, messages: list[EmailMessage],
+                password: str = API_KEY) -> None:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True,
+                             tls_context=context, timeout=10)
+    await client.connect()
+    try:
+        await client.auth_plain("App", password)
+        for msg in messages:
+            await client.send_message(msg, sender="sender@bench.example.com",
+                                      recipients=["1rcpt@example.net"])
+    finally:
+        await client.quit()
+
+
+def test_sink_counts_tls_auth_plain_headers_and_duplicates(
+        sink: SinkCluster, tls: tuple[Path, Path, Path]) -> None:
+    ca_file = tls[0]
+    messages = [_message(1), _message(2), _message(3), _message(4, header=False),
+                _message(5, message_id="<smoke.1@bench>")]  # same key as message 1
+    asyncio.run(_send(sink.tls_port, ca_file, messages))
+
+    stats = sink.stats()
+    assert stats["received"] == 5
+    assert stats["unique"] == 4
+    assert stats["duplicates"] == 1
+    assert stats["missing_header"] == 1
+    assert stats["auth_ok"] == 1
+    assert stats["tls_connections"] == 1
+
+    seen = sink.dump()
+    assert seen["<smoke.1@bench>|1rcpt@example.net"] == [2, 1]
+    assert seen["<smoke.4@bench>|1rcpt@example.net"] == [1, 0]
+    counted = count_case(seen, expected=5, match=lambda key: key.startswith("<smoke."))
+    assert (counted.unique, counted.received) == (4, 5)
+    assert (counted.lost, counted.duplicates, counted.missing_header) == (1, 1, 1)
+    assert not counted.ok
+    assert sink.wait_unique(4, timeout=1)["unique"] == 4
+
+    sink.reset()
+    assert sink.stats()["received"] == 0
+
+
+def test_sink_refuses_bad_key_and_mail_before_auth(
+        sink: SinkCluster, tls: tuple[Path, Path, Path]) -> None:
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+        asyncio.run(_send(sink.tls_port, tls[0], [_message(1)], password="wrong"))
+
+    async def mail_without_auth() -> int:
+        context = ssl.create_default_context(cafile=str(tls[0]))
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.tls_port, use_tls=True,
+                                   tls_context=context, timeout=10) as client:
+            response = await client.execute_command(b"MAIL", b"FROM:<a@b.example>")
+            return response.code
+
+    assert asyncio.run(mail_without_auth()) == 530
+    stats = sink.stats()
+    assert stats["auth_failed"] == 1
+    assert stats["received"] == 0
+
+
+def _recv_replies(sock: socket.socket, count: int) -> list[str]:
+    data = b""
+    while data.count(b"\r\n") < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data.decode().splitlines()
+
+
+def test_sink_plain_listener_is_pipelining_tolerant(sink: SinkCluster) -> None:
+    body = probe_message("pipe", 1, 5000)
+    with socket.create_connection(("127.0.0.1", sink.plain_port), timeout=10) as sock:
+        assert _recv_replies(sock, 1)[0].startswith("220")
+        sock.sendall(b"EHLO client\r\n")
+        ehlo = _recv_replies(sock, 7)
+        assert "250-PIPELINING" in ehlo
+        # everything of two transactions in one write, the second split across writes
+        second = probe_message("pipe", 2, 100)
+        blob = (b"MAIL FROM:<s@bench.example.com>\r\nRCPT TO:<probe1@example.net>\r\nDATA\r\n"
+                + body + b".\r\nMAIL FROM:<s@bench.example.com>\r\n"
+                b"RCPT TO:<probe2@example.net>\r\nDATA\r\n" + second + b".\r\nQUI")
+        sock.sendall(blob[:777])
+        sock.sendall(blob[777:])
+        sock.sendall(b"T\r\n")
+        replies = _recv_replies(sock, 9)
+    assert [line[:3] for line in replies] == ["250", "250", "354", "250",
+                                              "250", "250", "354", "250", "221"]
+    seen = sink.dump()
+    counted = count_case(seen, expected=2, match=probe_match("pipe"), require_header=False)
+    assert counted.ok, counted.as_dict()
+    assert count_case(seen, expected=2, match=probe_match("pipe")).missing_header == 2
+
+
+def test_helpers() -> None:
+    assert smtp_source_match(0x26E0)("<26e0.0003.0001@vm>|1rcpt@example.net")
+    assert not smtp_source_match(0x26E)("<26e0.0003.0001@vm>|1rcpt@example.net")
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+    assert percentile([float(n) for n in range(1, 101)], 0.99) == 99.0
+    assert latency_stats([0.001, 0.002])["p50_ms"] == 1.0
+    assert CaseCount(expected=3, received=3, unique=3).ok
+    results = {"meta": {"cases": [{"name": "small", "messages": 1, "size": 10}], "rounds": 1},
+               "rounds": [{"round": 1,
+                           "relay": {"cases": {"small": {"accepted_rate": 200.0, "ok": True}},
+                                     "idle": {}},
+                           "postfix": {"cases": {"small": {"accepted_rate": 100.0, "ok": True}},
+                                       "idle": {}}}],
+               "failures": []}
+    summary = summarize(results)
+    assert summary["ratios"]["small"]["accepted_rate"]["median"] == 2.0
+    assert "relay/postfix" in format_table(results)
+    results["rounds"][0]["relay"]["cases"]["small"]["ok"] = False  # failed rounds do not count
+    summary = summarize(results)
+    assert summary["ratios"]["small"]["accepted_rate"]["median"] is None
+    assert summary["systems"]["relay"]["small"]["rounds_ok"] == 0
