@@ -64,13 +64,14 @@ class Server:
     # -- public lifecycle
 
     async def serve(self) -> None:
-        await self.startup()
+        # Handlers first: a SIGHUP's default action would kill a relay that is still starting.
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, self.request_stop)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        await self.startup()
         try:
             await self._stop.wait()
         finally:
