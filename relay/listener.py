@@ -53,8 +53,6 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 # RFC 5321 caps a line at 998 octets + CRLF; like Postfix (smtp_line_length_limit) longer lines
 # are broken with CRLF + space, which is a valid fold in headers and keeps bodies deliverable.
 _MAX_LINE = 998
-# Anchored at line starts, so the scan is linear in the message size.
-_LONG_LINE = re.compile(rb"(?m)^[^\r\n]{%d}" % (_MAX_LINE + 1))
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 # Harmless MAIL/RCPT parameters real clients send without them being advertised (Outlook and
 # vCenter send AUTH=<>): dropped rather than answered with 555.
@@ -409,6 +407,8 @@ class RelayHandler:
 
     async def handle_MAIL(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope,
                           address: str, mail_options: list[str]) -> str:
+        if not _is_utf8(address):
+            return "553 5.1.7 Sender address is not valid UTF-8"
         if not self.state.accepting:
             asyncio.get_running_loop().call_soon(server.close_for_shutdown)
             return "421 4.3.2 Service shutting down, try again later"
@@ -443,6 +443,8 @@ class RelayHandler:
 
     async def handle_RCPT(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
+        if not _is_utf8(address):
+            return "553 5.1.3 Recipient address is not valid UTF-8"
         if len(envelope.rcpt_tos) >= self.state.config.access.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
@@ -499,7 +501,7 @@ class RelayHandler:
         """CRLF line endings, a Received trace header, Message-ID and Date where missing."""
         if raw.count(b"\n") != raw.count(b"\r\n"):
             raw = _BARE_LF.sub(b"\r\n", raw)
-        if _LONG_LINE.search(raw):
+        if len(raw) > _MAX_LINE and max(map(len, raw.split(b"\n"))) > _MAX_LINE + 1:
             raw = _break_long_lines(raw)
         end = raw.find(b"\r\n\r\n")
         header_block = raw if end < 0 else raw[:end + 2]
@@ -532,6 +534,15 @@ class RelayHandler:
 
 # Verified for unknown user names so that a failure takes as long as for a known one.
 _DUMMY_HASH = "scrypt$16384$8$1$" + "A" * 22 + "==$" + "A" * 43 + "="
+
+
+def _is_utf8(address: str) -> bool:
+    """False when aiosmtpd surrogate-escaped bytes that are not UTF-8 (unstorable, unsendable)."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _break_long_lines(raw: bytes) -> bytes:
