@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "not the packaged default)")
     run.add_argument("--relay-log-level", default="warning",
                      choices=("debug", "info", "warning", "error"))
+    run.add_argument("--relay-workers", type=_positive, default=1,
+                     help="the relay's `workers:` (processes sharing the port; each has "
+                          "--connections upstream connections)")
     run.add_argument("--no-ceiling", action="store_true", help="skip the smtp-source -> sink run")
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON (default {DEFAULT_OUT})")
     run.add_argument("--chart", type=Path, help="also draw a PNG bar chart here (matplotlib)")
@@ -120,6 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         idle_connections=args.idle_connections,
         postfix_tls_reuse=args.postfix_tls_reuse,
         relay_log_level=args.relay_log_level,
+        relay_workers=args.relay_workers,
         ceiling=not args.no_ceiling,
         keep=args.keep,
         quick=quick,

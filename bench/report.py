@@ -109,7 +109,8 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"infobip-relay vs Postfix {meta.get('postfix') or ''} - {meta.get('rounds')} "
                  f"round(s), order {' '.join(meta.get('order', []))}, "
                  f"{meta.get('sessions')} smtp-source sessions, "
-                 f"{meta.get('upstream_connections')} upstream connections")
+                 f"{meta.get('upstream_connections')} upstream connections"
+                 f" (per relay worker; relay workers: {meta.get('relay_workers', 1)})")
     shown = ("accepted_rate", "e2e_rate", "p50_ms", "p99_ms", "peak_rss_mib", "peak_pss_mib",
              "cpu_s")
     header = f"{'case':<7}{'system':<18}" + "".join(

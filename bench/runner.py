@@ -62,6 +62,7 @@ class Options:
     idle_connections: int = 1000
     postfix_tls_reuse: bool = False
     relay_log_level: str = "warning"
+    relay_workers: int = 1
     ceiling: bool = True
     keep: bool = False
     quick: bool = False
@@ -137,7 +138,8 @@ class RelaySystem(System):
             ca_file=ca_file, password=sink.password, connections=opts.connections,
             max_connections_per_client=max(1100, opts.idle_connections + 100),
             max_connections=max(2000, opts.idle_connections + 200),
-            extra={"logging": {"level": opts.relay_log_level}}))
+            extra={"logging": {"level": opts.relay_log_level},
+                   "workers": opts.relay_workers}))
 
     def start(self) -> None:
         self.process.start()
@@ -239,6 +241,7 @@ class Runner:
             "cases": [vars(case) for case in opts.cases],
             "sessions": opts.sessions,
             "upstream_connections": opts.connections,
+            "relay_workers": opts.relay_workers,
             "probe_interval_s": opts.probe_interval,
             "idle_connections": opts.idle_connections,
             "postfix_tls_reuse": opts.postfix_tls_reuse,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import random
@@ -231,41 +232,52 @@ class Delivery:
                 await self._connections[index].close()
                 continue
             self._busy += 1
+            recorded: asyncio.Future[bool] | None = None
             try:
-                await self._deliver(self._connections[index], job)
+                recorded = await self._deliver(self._connections[index], job)
             except Exception:
                 log.exception("unexpected error delivering %s; it stays queued", job.id)
             finally:
                 self._busy -= 1
-                if job.data is not None:
-                    self._memory -= len(job.data)
-                self._known.discard(job.id)
+                if recorded is None:
+                    self._release(job)
+                else:
+                    # The next message goes out while this outcome is being committed; the id
+                    # stays claimed until then so that the poller cannot send it again.
+                    recorded.add_done_callback(functools.partial(self._release, job))
 
-    async def _deliver(self, connection: UpstreamConnection, job: _Job) -> None:
+    def _release(self, job: _Job, recorded: asyncio.Future[bool] | None = None) -> None:
+        if job.data is not None:
+            self._memory -= len(job.data)
+        self._known.discard(job.id)
+        if recorded is not None and not recorded.cancelled() and recorded.exception():
+            log.error("cannot record the outcome for %s: %s", job.id, recorded.exception())
+
+    async def _deliver(self, connection: UpstreamConnection, job: _Job
+                       ) -> asyncio.Future[bool] | None:
+        """Send one message; returns the pending commit of its outcome, if there is one."""
         message = job.message or await self.spool.get(job.id)
         if message is None or message.state not in ("queued", "deferred") or not message.pending:
-            return
+            return None
         data = job.data if job.data is not None else await self.spool.data(job.id)
         if data is None:
-            return
+            return None
         started = time.monotonic()
         try:
             result = await connection.send(message.mail_from, message.pending, data,
                                            message.mail_options)
         except UpstreamAuthError as exc:
-            await self._on_auth_failure(message, str(exc))
-            return
+            return self._on_auth_failure(message, str(exc))
         except UpstreamUnavailable as exc:
-            await self._on_unavailable(message, str(exc))
-            return
+            return self._on_unavailable(message, str(exc))
         self.health.record_success()
         if connection.max_size:
             self.upstream_max_size = connection.max_size
         self.metrics.observe_send(time.monotonic() - started, result, len(data))
         outcome = decide_outcome(message, result, time.time(), self.config)
-        await self._record(message, outcome)
+        return self._record(message, outcome)
 
-    async def _on_auth_failure(self, message: QueuedMessage, error: str) -> None:
+    def _on_auth_failure(self, message: QueuedMessage, error: str) -> asyncio.Future[bool]:
         pause = self.config.queue.auth_retry
         if not self.health.auth_failed:
             log.error("upstream authentication failed: %s; mail stays queued, retrying every %ss",
@@ -275,22 +287,30 @@ class Delivery:
         # Not the message's fault: its attempt count and age limit are left alone.
         outcome = Outcome(message.recipients, "deferred", time.time() + pause, message.attempts,
                           f"upstream authentication failed: {error}")
-        await self._record(message, outcome, log_it=False)
+        return self._record(message, outcome, log_it=False)
 
-    async def _on_unavailable(self, message: QueuedMessage, error: str) -> None:
+    def _on_unavailable(self, message: QueuedMessage, error: str) -> asyncio.Future[bool]:
         delay = self.health.record_failure(error)
         if self.health.failures == 1:
             log.warning("upstream unavailable: %s; pausing delivery %.0fs", error, delay)
         self.metrics.upstream_errors.labels(kind="unavailable").inc()
         outcome = decide_outcome(message, SendResult(reply=f"451 4.4.1 {error}"), time.time(),
                                  self.config)
-        await self._record(message, outcome)
+        return self._record(message, outcome)
 
-    async def _record(self, message: QueuedMessage, outcome: Outcome, *, log_it: bool = True
-                      ) -> None:
-        await self.spool.record(message.id, outcome)
+    def _record(self, message: QueuedMessage, outcome: Outcome, *, log_it: bool = True
+                ) -> asyncio.Future[bool]:
+        recorded = self.spool.record_soon(message.id, outcome)
         self.metrics.outcomes.labels(state=outcome.state).inc()
-        if not log_it:
+        if log_it:
+            self._log_outcome(message, outcome)
+        return recorded
+
+    @staticmethod
+    def _log_outcome(message: QueuedMessage, outcome: Outcome) -> None:
+        level = {"delivered": logging.INFO, "deferred": logging.WARNING}.get(outcome.state,
+                                                                           logging.ERROR)
+        if not log.isEnabledFor(level):
             return
         delivered = sum(1 for r in outcome.recipients if r.state == "delivered")
         extra = {"queue_id": message.id, "state": outcome.state, "attempts": outcome.attempts,

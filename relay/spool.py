@@ -334,10 +334,13 @@ class Spool:
         await self._submit(lambda db: db.insert(envelope, priority, now), write=True)
 
     async def record(self, message_id: str, outcome: Outcome) -> bool:
-        now = time.time()
-        result: bool = await self._submit(lambda db: db.record(message_id, outcome, now),
-                                          write=True)
+        result: bool = await self.record_soon(message_id, outcome)
         return result
+
+    def record_soon(self, message_id: str, outcome: Outcome) -> asyncio.Future[bool]:
+        """Queue an outcome for the next group commit; the future resolves once it is durable."""
+        now = time.time()
+        return self._submit(lambda db: db.record(message_id, outcome, now), write=True)
 
     async def get(self, message_id: str) -> QueuedMessage | None:
         result: QueuedMessage | None = await self._submit(lambda db: db.get(message_id))
