@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ except ImportError:  # pragma: no cover - the fast extra is optional
 
 from relay.app import Server
 from relay.config import Config, load_config
+from relay.spool import SpoolDB
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,3 +176,27 @@ class ProcessRelay:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+ALL_STATES = ("queued", "deferred", "failed", "delivered")
+
+
+def spool_messages(relay: ThreadRelay, states: tuple[str, ...] = ALL_STATES) -> list[Any]:
+    """The relay's spool records in these states, read the way the CLI reads them."""
+    db = SpoolDB(relay.config.queue.path, create=False)
+    try:
+        return db.list(states)
+    finally:
+        db.close()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
+               ) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -9,17 +9,15 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from relayrunner import ThreadRelay
+from relayrunner import ThreadRelay, spool_messages, wait_until
 from util import free_port
 
 from relay.passwords import hash_password
-from relay.spool import SpoolDB
 
 MESSAGE = (b"From: App <app@example.com>\r\nTo: user@example.net\r\nSubject: listener\r\n"
            b"Message-ID: <l1@example.com>\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\n\r\n"
@@ -57,23 +55,6 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def spool_messages(relay: ThreadRelay) -> list[Any]:
-    db = SpoolDB(relay.config.queue.path, create=False)
-    try:
-        return db.list(("queued", "deferred", "failed", "delivered"))
-    finally:
-        db.close()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
-               ) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def open_connections(relay: ThreadRelay) -> int:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from relayrunner import ThreadRelay, relay_config, write_config
+from relayrunner import ThreadRelay, relay_config, spool_messages, wait_until, write_config
 
 from relay.cli import main as cli_main
 from relay.config import load_config
@@ -37,24 +37,6 @@ def send(relay: ThreadRelay, rcpts: list[str] | None = None, data: bytes = MESSA
         return client.data(data)
 
 
-def spool_messages(relay: ThreadRelay, states: tuple[str, ...] = ("queued", "deferred", "failed",
-                                                                  "delivered")) -> list[Any]:
-    db = SpoolDB(relay.config.queue.path, create=False)
-    try:
-        return db.list(states)
-    finally:
-        db.close()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
-               ) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def body_of(data: bytes) -> bytes:

@@ -7,8 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import yaml
-from relayrunner import ThreadRelay
-from test_relay import spool_messages, wait_until
+from relayrunner import ThreadRelay, spool_messages, wait_until
 from util import free_port
 
 ISSUE_RULES: list[dict[str, Any]] = [
