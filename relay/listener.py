@@ -481,11 +481,13 @@ class RelayHandler:
             raise
         metrics.accepted.labels(listener=self.listener.name).inc()
         sink.submit(_queued(ctx, options, priority, len(data)), data)
-        log.info("%s queued from %s: <%s> to %d recipient(s), %d bytes", queue_id, ctx.client_ip,
-                 ctx.mail_from, len(ctx.rcpt_tos), len(data),
-                 extra={"queue_id": queue_id, "client": ctx.client_ip, "sender": ctx.mail_from,
-                        "recipients": len(ctx.rcpt_tos), "size": len(data),
-                        "user": ctx.auth_user, "listener": ctx.listener})
+        if log.isEnabledFor(logging.INFO):  # spares building the fields on the hot path
+            log.info("%s queued from %s: <%s> to %d recipient(s), %d bytes", queue_id,
+                     ctx.client_ip, ctx.mail_from, len(ctx.rcpt_tos), len(data),
+                     extra={"queue_id": queue_id, "client": ctx.client_ip,
+                            "sender": ctx.mail_from, "recipients": len(ctx.rcpt_tos),
+                            "size": len(data), "user": ctx.auth_user,
+                            "listener": ctx.listener})
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     def _context(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope,
