@@ -10,6 +10,8 @@ import yaml
 from relayrunner import ThreadRelay, spool_messages, wait_until
 from util import free_port
 
+from relay.passwords import hash_password
+
 ISSUE_RULES: list[dict[str, Any]] = [
     {
         "name": "newsletters are low-priority bulk",
@@ -180,3 +182,25 @@ def test_connections_survive_reload(fake_upstream, start_relay):
         client.sendmail("a@example.com", ["u@example.net"], message("From: a@example.com\n"))
     bulk_ids = [m.parsed()["X-IB-Bulk-Id"] for m in fake_upstream.wait_for(2)]
     assert bulk_ids == ["v1", "v2"]
+
+
+def test_auth_user_and_size_under_conditions(fake_upstream, start_relay):
+    users = [{"name": "nagios", "password_hash": hash_password("pw")}]
+    listeners = [{"name": "submit", "address": "127.0.0.1", "port": free_port(),
+                  "auth": "optional"}]
+    rules = [
+        {"name": "alerts", "when": {"auth_user": "nagios"},
+         "set": {"X-IB-Client-Priority": "HIGH", "X-IB-Entity-Id": "ops-{auth_user}"}},
+        {"name": "small", "when": {"size_under": "1KiB"}, "set": {"X-IB-Bulk-Id": "small"}},
+    ]
+    relay = start_one(start_relay, fake_upstream, users=users, listeners=listeners, rules=rules)
+    with smtplib.SMTP(*relay.address, timeout=10) as client:
+        client.ehlo("monitor.example.com")
+        client.login("nagios", "pw")
+        client.sendmail("nagios@example.com", ["ops@example.net"],
+                        message("Subject: alert\n", b"x\r\n"))
+    send(relay, message("Subject: anonymous\n", b"y" * 4000 + b"\r\n"))
+    alert, anonymous = (m.parsed() for m in fake_upstream.wait_for(2))
+    assert alert["X-IB-Client-Priority"] == "HIGH" and alert["X-IB-Entity-Id"] == "ops-nagios"
+    assert alert["X-IB-Bulk-Id"] == "small"
+    assert anonymous["X-IB-Client-Priority"] is None and anonymous["X-IB-Bulk-Id"] is None
