@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "smtp_destination_concurrency_limit (default 8)")
     run.add_argument("--idle-connections", type=_positive, default=1000,
                      help="idle client connections held open against the relay (0 skips)")
-    run.add_argument("--probe-interval", type=float, default=0.05,
-                     help="seconds between latency probe messages (default 0.05)")
+    run.add_argument("--probe-interval", type=float, default=0.01,
+                     help="seconds between latency probe messages (default 0.01)")
     run.add_argument("--sink-workers", type=_positive, default=1,
                      help="sink processes sharing the port via SO_REUSEPORT")
     run.add_argument("--postfix-tls-reuse", action="store_true",

@@ -58,7 +58,7 @@ class Options:
     systems: tuple[str, ...] = SYSTEMS
     connections: int = 8
     sink_workers: int = 1
-    probe_interval: float = 0.05
+    probe_interval: float = 0.01
     idle_connections: int = 1000
     postfix_tls_reuse: bool = False
     relay_log_level: str = "warning"
