@@ -59,6 +59,7 @@ _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _SIMPLE_ADDRESS = re.compile(r"<([\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)*)>(.*)\Z",
                              re.ASCII | re.DOTALL)
 _DATA_CHUNK = 256 * 1024
+_NULL_SENDER = re.compile(r"\s*FROM:\s*<>", re.IGNORECASE)
 _IGNORED_PARAMS = frozenset({"AUTH", "RET", "ENVID", "NOTIFY", "ORCPT"})
 _AUTH_FAILURE_WINDOW = 600.0
 
@@ -274,6 +275,15 @@ class RelaySMTP(SMTP):
         if data[:1] == b".":
             data = data[1:]
         return data.replace(b"\r\n.", b"\r\n") if b"\r\n." in data else data
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd answers a null sender with a 501 syntax error, which misleads an operator.
+        if arg and self.session is not None and self.session.host_name and \
+                _NULL_SENDER.match(arg):
+            await self.push("550 5.7.1 Null sender <> not accepted: Infobip needs a sender "
+                            "address")
+            return
+        await super().smtp_MAIL(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every address with the email package (and defines a class per call):

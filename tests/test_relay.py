@@ -349,3 +349,12 @@ def test_metrics_and_health_endpoints(fake_upstream, start_relay):
     assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
     ready = urllib.request.urlopen(base + "/readyz", timeout=5)
     assert ready.status == 200
+
+
+def test_null_sender_gets_a_clear_permanent_refusal(fake_upstream, start_relay):
+    relay = start_relay(fake_upstream)
+    with smtplib.SMTP(*relay.address, timeout=10) as client:
+        client.ehlo("client.example.com")
+        code, reply = client.mail("<>")
+        assert code == 550 and b"Null sender" in reply
+        assert client.mail("app@example.com")[0] == 250  # the session goes on
