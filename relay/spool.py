@@ -28,6 +28,10 @@ RecipientState = Literal["pending", "delivered", "failed"]
 PRIORITIES = {"HIGH": 0, "STANDARD": 1, "LOW": 2}
 PRIORITY_NAMES = {value: key for key, value in PRIORITIES.items()}
 DB_NAME = "queue.sqlite3"
+BODIES_DIR = "bodies"
+# Bodies above this size go to a file of their own (written and fsynced before the row commits):
+# in SQLite a 1 MiB blob costs 256 overflow pages to write, checkpoint and free again.
+FILE_BODY_THRESHOLD = 64 * 1024
 _MAX_BATCH = 512
 
 _SCHEMA = """
@@ -48,7 +52,8 @@ CREATE TABLE IF NOT EXISTS messages (
     listener     TEXT,
     last_reply   TEXT,
     upstream_id  TEXT,
-    data         BLOB
+    data         BLOB,
+    body_file    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
 """
@@ -147,10 +152,20 @@ class SpoolDB:
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA busy_timeout=30000")
             self.conn.executescript(_SCHEMA)
+            self._add_missing_columns()
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot open spool {self.path}: {exc}") from exc
         if create:
             os.chmod(self.path, 0o600)
+        self.bodies = directory / BODIES_DIR
+        # Files to remove once the transaction that stops referring to them has committed.
+        self._unlink_after_commit: list[Path] = []
+
+    def _add_missing_columns(self) -> None:
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(messages)")}
+        if "body_file" not in columns:  # spools written before bodies could live in files
+            self.conn.execute(
+                "ALTER TABLE messages ADD COLUMN body_file INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.conn.close()
@@ -163,21 +178,72 @@ class SpoolDB:
             result = operations()
         except BaseException:
             self.conn.execute("ROLLBACK")
+            self.forget_unlinks(0)
             raise
         self.conn.execute("COMMIT")
+        self.unlink_committed()
         return result
+
+    def unlink_committed(self) -> None:
+        """Remove the body files of rows that a just-committed transaction let go of."""
+        for path in self._unlink_after_commit:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._unlink_after_commit.clear()
+
+    def forget_unlinks(self, keep: int) -> None:
+        """A rolled-back write still refers to its files: keep them."""
+        del self._unlink_after_commit[keep:]
+
+    @property
+    def pending_unlinks(self) -> int:
+        return len(self._unlink_after_commit)
 
     def insert(self, envelope: Envelope, priority: int, now: float) -> None:
         ctx = envelope.context
         recipients = _encode_recipients(Recipient(address) for address in ctx.rcpt_tos)
-        self.conn.execute(
-            "INSERT INTO messages (id, state, priority, created, updated, next_attempt, attempts,"
-            " mail_from, recipients, mail_options, size, client, auth_user, listener, data)"
-            " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
-             json.dumps(list(envelope.mail_options)), len(envelope.data), ctx.client_ip,
-             ctx.auth_user, ctx.listener, envelope.data),
-        )
+        in_file = len(envelope.data) > FILE_BODY_THRESHOLD
+        if in_file:
+            self._write_body(ctx.queue_id, envelope.data)
+        try:
+            self.conn.execute(
+                "INSERT INTO messages (id, state, priority, created, updated, next_attempt,"
+                " attempts, mail_from, recipients, mail_options, size, client, auth_user,"
+                " listener, data, body_file)"
+                " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
+                 json.dumps(list(envelope.mail_options)), len(envelope.data), ctx.client_ip,
+                 ctx.auth_user, ctx.listener, None if in_file else envelope.data, int(in_file)),
+            )
+        except sqlite3.Error:
+            if in_file:
+                with contextlib.suppress(OSError):
+                    self._body_path(ctx.queue_id).unlink()
+            raise
+
+    def _body_path(self, message_id: str) -> Path:
+        return self.bodies / message_id
+
+    def _write_body(self, message_id: str, data: bytes) -> None:
+        """Write and fsync a body file, and its directory entry, before the row commits."""
+        self.bodies.mkdir(mode=0o700, exist_ok=True)
+        path = self._body_path(message_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            path.unlink()
+            raise
+        os.close(fd)
+        directory = os.open(self.bodies, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
     def record(self, message_id: str, outcome: Outcome, now: float) -> bool:
         """Store an attempt's outcome; delivered messages drop their data. False if deleted."""
@@ -187,6 +253,8 @@ class SpoolDB:
             (outcome.state, _encode_recipients(outcome.recipients), outcome.next_attempt,
              outcome.attempts, outcome.last_reply, outcome.upstream_id, now, message_id),
         )
+        if outcome.state == "delivered" and cursor.rowcount:
+            self._unlink_after_commit.append(self._body_path(message_id))
         return cursor.rowcount > 0
 
     def retry(self, message_id: str, now: float) -> bool:
@@ -204,7 +272,25 @@ class SpoolDB:
         return True
 
     def delete(self, message_id: str) -> bool:
-        return self.conn.execute("DELETE FROM messages WHERE id=?", (message_id,)).rowcount > 0
+        deleted = self.conn.execute("DELETE FROM messages WHERE id=?",
+                                    (message_id,)).rowcount > 0
+        if deleted:
+            self._unlink_after_commit.append(self._body_path(message_id))
+        return deleted
+
+    def remove_orphan_bodies(self) -> int:
+        """Body files whose row never committed (a crash in between): nobody was told 250."""
+        if not self.bodies.is_dir():
+            return 0
+        known = {row[0] for row in self.conn.execute(
+            "SELECT id FROM messages WHERE body_file = 1 AND state != 'delivered'")}
+        removed = 0
+        for path in self.bodies.iterdir():
+            if path.name not in known:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                removed += 1
+        return removed
 
     def prune_delivered(self, older_than: float) -> int:
         return self.conn.execute(
@@ -219,8 +305,18 @@ class SpoolDB:
         return _row_to_message(row) if row else None
 
     def data(self, message_id: str) -> bytes | None:
-        row = self.conn.execute("SELECT data FROM messages WHERE id=?", (message_id,)).fetchone()
-        return bytes(row[0]) if row and row[0] is not None else None
+        row = self.conn.execute("SELECT data, body_file, state FROM messages WHERE id=?",
+                                (message_id,)).fetchone()
+        if row is None:
+            return None
+        if row[0] is not None:
+            return bytes(row[0])
+        if row[1] and row[2] != "delivered":
+            try:
+                return self._body_path(message_id).read_bytes()
+            except FileNotFoundError:
+                return None
+        return None
 
     def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
         """(id, priority, created) of queued/deferred messages due by ``now``, most urgent first."""
@@ -281,13 +377,24 @@ def absorb_spool(target: SpoolDB, source_dir: Path) -> int:
     try:
         rows = source.conn.execute("SELECT * FROM messages").fetchall()
         if rows:
+            # Rows first, then files, then the source rows: after a crash at any point the next
+            # start repeats the steps, and a moved file always has a row that keeps it.
             marks = ",".join("?" * len(rows[0]))
             target.transaction(lambda: target.conn.executemany(
                 f"INSERT OR IGNORE INTO messages VALUES ({marks})", rows))  # noqa: S608
+            _move_body_files(source, target)
             source.transaction(lambda: source.conn.execute("DELETE FROM messages"))
     finally:
         source.close()
     return len(rows)
+
+
+def _move_body_files(source: SpoolDB, target: SpoolDB) -> None:
+    for (message_id,) in source.conn.execute("SELECT id FROM messages WHERE body_file = 1"):
+        moved_from = source.bodies / message_id
+        if moved_from.exists():
+            target.bodies.mkdir(mode=0o700, exist_ok=True)
+            os.replace(moved_from, target.bodies / message_id)
 
 
 def _make_private_dir(directory: Path) -> None:
@@ -308,6 +415,7 @@ class Spool:
 
     def __init__(self, directory: Path) -> None:
         self.db = SpoolDB(directory)
+        self.db.remove_orphan_bodies()
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -431,19 +539,23 @@ class Spool:
             conn.execute("BEGIN IMMEDIATE")
             for operation, future, _ in writes:
                 conn.execute("SAVEPOINT op")
+                unlinks = self.db.pending_unlinks
                 try:
                     value = operation(self.db)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
+                    self.db.forget_unlinks(unlinks)
                     results.append((future, None, _as_spool_error(exc)))
                 else:
                     results.append((future, value, None))
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
+            self.db.unlink_committed()
             self.batches += 1
             self.last_error = None
         except sqlite3.Error as exc:
             self.last_error = str(exc)
+            self.db.forget_unlinks(0)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             error = SpoolError(f"spool commit failed: {exc}")
@@ -454,7 +566,9 @@ class Spool:
 def _as_spool_error(exc: Exception) -> Exception:
     # SQLite errors (disk full, I/O error, locked) become SpoolError, which callers turn into a
     # temporary SMTP reply; anything else is a bug and keeps its type for the log.
-    return SpoolError(f"spool error: {exc}") if isinstance(exc, sqlite3.Error) else exc
+    if isinstance(exc, sqlite3.Error | OSError):  # OSError: a body file (disk full, I/O)
+        return SpoolError(f"spool error: {exc}")
+    return exc
 
 
 def _resolve_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

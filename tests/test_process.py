@@ -37,18 +37,31 @@ def subjects(upstream) -> list[str]:
     return sorted(str(m.parsed()["Subject"]) for m in upstream.messages)
 
 
+def send_large(address: tuple[str, int], subject: str) -> None:
+    body = b"".join(b"%06d large body line ...................................\r\n" % n
+                    for n in range(3000))  # ~180 KB: kept in a body file
+    with smtplib.SMTP(*address, timeout=10) as client:
+        client.ehlo("client.example.com")
+        client.sendmail("app@example.com", ["user@example.net"],
+                        f"Subject: {subject}\r\n\r\n".encode() + body)
+
+
 def test_sigkill_after_250_loses_nothing(fake_upstream, start_relay_process, tmp_path):
     config = relay_config(tmp_path, fake_upstream)
     fake_upstream.stop()  # nothing can leave: the spool alone holds the mail
     relay = start_relay_process(config)
     send_numbered(relay.address, 20)
+    send_large(relay.address, "large one")
     relay.kill()
 
     fake_upstream.start()
     relay = start_relay_process(config)
-    fake_upstream.wait_for(20, timeout=20)
+    fake_upstream.wait_for(21, timeout=20)
     time.sleep(1.0)
-    assert subjects(fake_upstream) == sorted(f"message {n}" for n in range(20))
+    assert subjects(fake_upstream) == sorted([*(f"message {n}" for n in range(20)),
+                                              "large one"])
+    large = next(m for m in fake_upstream.messages if m.parsed()["Subject"] == "large one")
+    assert len(large.data) > 180_000
     assert relay.terminate() == 0
 
 
@@ -186,14 +199,17 @@ def test_fewer_workers_take_over_orphaned_spools(fake_upstream, start_relay_proc
     fake_upstream.stop()
     relay = start_relay_process(relay_config(tmp_path, fake_upstream, workers=2,
                                                            metrics=False))
-    for _ in range(10):
+    for number in range(10):
         send_numbered(relay.address, 1)
+        send_large(relay.address, f"large {number}")
     assert relay.terminate() == 0
 
     fake_upstream.start()
     relay = start_relay_process(relay_config(tmp_path, fake_upstream, workers=1,
                                                            metrics=False))
-    fake_upstream.wait_for(10, timeout=20)
+    fake_upstream.wait_for(20, timeout=20)
     time.sleep(0.5)
-    assert len(fake_upstream.messages) == 10
+    assert len(fake_upstream.messages) == 20
+    assert all(len(m.data) > 180_000 for m in fake_upstream.messages
+               if str(m.parsed()["Subject"]).startswith("large"))
     assert relay.terminate() == 0

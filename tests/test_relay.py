@@ -358,3 +358,56 @@ def test_null_sender_gets_a_clear_permanent_refusal(fake_upstream, start_relay):
         code, reply = client.mail("<>")
         assert code == 550 and b"Null sender" in reply
         assert client.mail("app@example.com")[0] == 250  # the session goes on
+
+
+LARGE_BODY = b"".join(b"line %06d of a large report .........................\r\n" % n
+                      for n in range(4000))  # ~220 KB: stored as a file of its own
+
+
+def test_large_bodies_live_in_files_until_delivered(fake_upstream, start_relay, capsys):
+    relay = start_relay(fake_upstream)
+    bodies = relay.config.queue.path / "bodies"
+    fake_upstream.stop()
+    queue_id = send(relay, data=b"Subject: big\r\n\r\n" + LARGE_BODY)[1].split()[-1].decode()
+    wait_until(lambda: spool_messages(relay, ("deferred",)), what="deferred")
+    assert (bodies / queue_id).stat().st_size > 200_000
+    assert (bodies / queue_id).stat().st_mode & 0o777 == 0o600
+
+    fake_upstream.start()
+    [received] = fake_upstream.wait_for(1, timeout=15)
+    assert body_of(received.data) == LARGE_BODY
+    wait_until(lambda: not (bodies / queue_id).exists(), what="body file removed")
+    [record] = spool_messages(relay, ("delivered",))
+    assert record.size > 200_000
+
+
+def test_deleting_a_large_message_removes_its_file(fake_upstream, start_relay):
+    relay = start_relay(fake_upstream)
+    fake_upstream.fail_next("mail", 550, "5.7.1 no")
+    queue_id = send(relay, data=b"Subject: big\r\n\r\n" + LARGE_BODY)[1].split()[-1].decode()
+    wait_until(lambda: spool_messages(relay, ("failed",)), what="failed")
+    path = relay.config.queue.path / "bodies" / queue_id
+    assert path.exists()
+    assert cli_main(["queue", "delete", queue_id, "--spool", str(relay.config.queue.path)]) == 0
+    assert not path.exists()
+
+
+def test_orphan_body_files_are_removed_at_start(tmp_path):
+    spool_dir = tmp_path / "spool"
+    db = SpoolDB(spool_dir)
+    ctx = MessageContext("KEEPME", "a@example.com", ("b@example.net",), "127.0.0.1", None,
+                         "local", 0)
+    db.transaction(lambda: db.insert(Envelope(ctx, b"x" * 100_000), 1, time.time()))
+    db.close()
+    (spool_dir / "bodies" / "ORPHAN").write_bytes(b"never acknowledged")
+
+    async def reopen() -> bytes | None:
+        spool = Spool(spool_dir)
+        spool.start()
+        try:
+            return await spool.data("KEEPME")
+        finally:
+            await spool.close()
+
+    assert asyncio.run(reopen()) == b"x" * 100_000
+    assert sorted(p.name for p in (spool_dir / "bodies").iterdir()) == ["KEEPME"]
