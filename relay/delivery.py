@@ -156,7 +156,6 @@ class Delivery:
         self._busy = 0
         self._stopping = False
         self._wake = asyncio.Event()
-        self.upstream_max_size: int | None = None
 
     # -- lifecycle
 
@@ -164,7 +163,7 @@ class Delivery:
         for index in range(self.config.upstream.connections):
             connection = self.connection_factory()
             self._connections.append(connection)
-            self._workers.append(asyncio.create_task(self._work(connection),
+            self._workers.append(asyncio.create_task(self._work(index),
                                                      name=f"delivery-worker-{index}"))
         self._tasks.append(asyncio.create_task(self._poll(), name="delivery-poller"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="delivery-housekeeping"))
@@ -214,14 +213,10 @@ class Delivery:
     def open_connections(self) -> int:
         return sum(1 for connection in self._connections if connection.connected)
 
-    @property
-    def ready_count(self) -> int:
-        return self._ready.qsize()
-
     # -- workers
 
-    async def _work(self, connection_slot: UpstreamConnection) -> None:
-        index = self._connections.index(connection_slot)
+    async def _work(self, index: int) -> None:
+        """Deliver with connection slot ``index`` (reconfigure() may replace the connection)."""
         while not self._stopping:
             await self.health.wait_until_up()
             try:
@@ -271,8 +266,6 @@ class Delivery:
         except UpstreamUnavailable as exc:
             return self._on_unavailable(message, str(exc))
         self.health.record_success()
-        if connection.max_size:
-            self.upstream_max_size = connection.max_size
         self.metrics.observe_send(time.monotonic() - started, result, len(data))
         outcome = decide_outcome(message, result, time.time(), self.config)
         return self._record(message, outcome)
@@ -382,7 +375,5 @@ class Delivery:
             self.health.record_failure(str(exc))
         else:
             self.health.record_success()
-            if connection.max_size:
-                self.upstream_max_size = connection.max_size
         finally:
             await connection.close()

@@ -325,12 +325,6 @@ class SpoolDB:
             " AND next_attempt <= ? ORDER BY priority, created LIMIT ?", (now, limit),
         ).fetchall()
 
-    def next_due_time(self) -> float | None:
-        row = self.conn.execute(
-            "SELECT MIN(next_attempt) FROM messages WHERE state IN ('queued', 'deferred')"
-        ).fetchone()
-        return row[0] if row else None
-
     def list(self, states: Iterable[str] | None = None, limit: int = 1000) -> list[QueuedMessage]:
         wanted = tuple(states or ("queued", "deferred", "failed", "delivered"))
         marks = ",".join("?" * len(wanted))  # placeholders only; values stay bound parameters

@@ -70,7 +70,6 @@ class UpstreamConnection:
         self.ssl_context = ssl_context
         self._smtp: aiosmtplib.SMTP | None = None
         self._last_used = 0.0
-        self.max_size: int | None = None
         self.transactions = 0
 
     @property
@@ -161,8 +160,6 @@ class UpstreamConnection:
         except (OSError, TimeoutError) as exc:
             smtp.close()
             raise UpstreamUnavailable(f"{where}: cannot connect: {exc}") from exc
-        size = smtp.esmtp_extensions.get("size", "")
-        self.max_size = int(size) if size.isdigit() else None
         log.debug("connected to %s (%s)", where, config.tls)
         return smtp
 
