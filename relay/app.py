@@ -20,7 +20,7 @@ from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError
 from relay.listener import ListenerState, protocol_factory, server_tls_context
 from relay.metrics import HealthServer, Metrics
-from relay.spool import Spool, absorb_spool, find_spools, worker_spool_dir
+from relay.spool import Spool, absorb_spool, worker_spool_dir, worker_spools
 from relay.upstream import UpstreamConnection
 
 log = logging.getLogger("relay.server")
@@ -259,12 +259,7 @@ class Server:
     def _absorb_orphan_spools(self) -> None:
         """Take over the spools of workers that no longer exist (the worker count went down)."""
         assert self.spool is not None
-        base = self.config.queue.path
-        for directory in find_spools(base):
-            suffix = directory.name.removeprefix("worker-")
-            if directory == base or not suffix.isdigit():
-                continue
-            index = int(suffix)
+        for index, directory in worker_spools(self.config.queue.path):
             if index < self.workers or index % self.workers != self.worker:
                 continue
             moved = absorb_spool(self.spool.db, directory)

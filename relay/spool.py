@@ -353,12 +353,20 @@ def worker_spool_dir(directory: Path, index: int) -> Path:
     return directory if index == 0 else directory / f"worker-{index}"
 
 
+def worker_spools(directory: Path) -> list[tuple[int, Path]]:
+    """(index, directory) of each worker spool under queue.path, in index order."""
+    found = []
+    for path in directory.glob("worker-*"):
+        suffix = path.name.removeprefix("worker-")
+        if suffix.isdigit() and (path / DB_NAME).exists():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
 def find_spools(directory: Path) -> list[Path]:
     """Every spool directory under queue.path: its own and those of worker processes."""
-    found = [directory] if (directory / DB_NAME).exists() else []
-    workers = [path for path in directory.glob("worker-*") if (path / DB_NAME).exists()]
-    return found + sorted(workers, key=lambda path: int(path.name.split("-")[1])
-                          if path.name.split("-")[1].isdigit() else 1 << 30)
+    own = [directory] if (directory / DB_NAME).exists() else []
+    return own + [path for _, path in worker_spools(directory)]
 
 
 def absorb_spool(target: SpoolDB, source_dir: Path) -> int:
