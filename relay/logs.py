@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -27,6 +28,24 @@ class SecretFilter(logging.Filter):
             masked = masked.replace(secret, "********")
         if masked is not message and masked != message:
             record.msg, record.args = masked, None
+        return True
+
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class EscapeControlsFilter(logging.Filter):
+    """Writes control characters a client sent (CR, NUL, ESC...) as \\xNN.
+
+    A CR or LF in an address or a HELO name would otherwise start a forged log line, and ESC
+    sequences would reach the operator's terminal.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _CONTROLS.search(message):
+            record.msg = _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", message)
+            record.args = None
         return True
 
 
@@ -54,6 +73,7 @@ def configure_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(SecretFilter(secrets))
+    handler.addFilter(EscapeControlsFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -57,3 +57,14 @@ def test_exceptions_are_one_json_line(captured):
     [line] = captured.getvalue().splitlines()
     assert "ValueError: boom" in json.loads(line)["exception"]
     assert isinstance(JSONFormatter(), logging.Formatter)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_control_characters_from_clients_are_escaped(captured, fmt):
+    log = _log_to(captured, fmt, ())
+    log.warning("client said %s", "evil\r\nFAKE LINE\x00\x1b[31m\x85")
+    output = captured.getvalue()
+    assert output.count("\n") == 1  # one event, one line
+    message = json.loads(output)["message"] if fmt == "json" else output
+    assert "evil\\x0d\\x0aFAKE LINE\\x00\\x1b[31m\\x85" in message
+    assert "\r" not in output and "\x1b" not in output and "\x00" not in output
