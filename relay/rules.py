@@ -96,7 +96,8 @@ _WHEN_KEYS = (
     "size_under",
 )
 _FORBIDDEN_CHARS = re.compile(r"[\r\n\0]")
-_UNSAFE_IN_VALUES = str.maketrans("", "", "\r\n\0")
+# Every control but TAB: CR/LF would add header lines, the rest (\x0b, \x1b, C1) garble them.
+_UNSAFE_IN_VALUES = dict.fromkeys([*range(0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)])
 _TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _UNSUBSCRIBE_LIST = re.compile(r"\s*<[^<>]*>\s*(?:,\s*<[^<>]*>\s*)*")
 _ANGLE_URI = re.compile(r"<\s*([^<>]*?)\s*>")
@@ -335,7 +336,7 @@ class Template:
         return self.parts[1::2]
 
     def render(self, lookup: Callable[[str], str]) -> str:
-        """Fill the placeholders; CR, LF and NUL are dropped so values cannot add headers."""
+        """Fill the placeholders; controls are dropped so values cannot add or garble headers."""
         if len(self.parts) == 1:
             return self.parts[0]
         pieces = list(self.parts)
@@ -950,7 +951,11 @@ def _fix_client_headers(block: HeaderBlock, edits: _Edits) -> None:
         try:
             name = canonical_header_name(header.name)
         except ValueError as error:
-            edits.warnings.append(f"client header {header.name} left as is: {error}")
+            # A misspelt X-IB-* name would reach Infobip and be ignored there: drop it loudly,
+            # as `fix` does with every other value it cannot repair.
+            block.delete(header.index)
+            edits.dropped += 1
+            edits.warnings.append(f"client header {header.name} dropped: {error}")
             continue
         if name in seen:
             block.delete(header.index)
