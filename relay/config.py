@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import yaml
 
+from relay.address import AddressError, check_mailbox
 from relay.errors import ConfigError
 from relay.passwords import check_hash_format
 from relay.regions import Region, find_region, region_names
@@ -98,6 +99,10 @@ class AccessConfig:
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     allow_open_relay: bool = False
+    # MAIL FROM:<> (bounces, delivery notices): Infobip needs a sender, so either refuse it or
+    # send it as null_sender_address.
+    null_sender: Literal["refuse", "rewrite"] = "refuse"
+    null_sender_address: str | None = None
 
     def is_trusted(self, ip: str) -> bool:
         try:
@@ -122,6 +127,10 @@ class UpstreamConfig:
     ca_file: Path | None = None
     timeout: float = 60.0
     idle_timeout: float = 60.0
+    # The wait for the reply to the final dot only (RFC 5321 4.5.3.2: 10 minutes). Giving up
+    # sooner leaves the outcome unknown and a retry may duplicate the message.
+    data_timeout: float = 600.0
+    password_file: Path | None = None  # where password came from, for permission_warnings()
 
     def ssl_context(self) -> ssl.SSLContext:
         """A verifying client context: the system store plus ``ca_file``; never unverified."""
@@ -139,6 +148,10 @@ class QueueConfig:
     retry_max: float = 1800.0
     keep_delivered: float = 86400.0
     auth_retry: float = 300.0
+    # New mail is refused (452) below this much free space on the spool's file system, so that
+    # outcomes of mail already accepted can always be recorded. Default: 1.5 x the largest
+    # message, as Postfix's smtpd requires.
+    min_free_space: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +317,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
     listeners = _build_listeners(top.get("listeners"), env, base_dir)
     users = _build_users(top.get("users"))
     upstream = _build_upstream(top.get("upstream"), env, base_dir)
-    queue = _build_queue(top.get("queue"), env, base_dir)
+    queue = _build_queue(top.get("queue"), env, base_dir, access.max_message_size)
     metrics = _build_metrics(top.get("metrics"), env)
     logging_config = _build_logging(top.get("logging"))
     rules = compile_rules(top.get("rules"), "rules")
@@ -435,11 +448,33 @@ def _build_access(raw: object, env: Mapping[str, str]) -> AccessConfig:
         command_timeout=section.convert("command_timeout", 300.0, parse_duration),
         data_timeout=section.convert("data_timeout", 600.0, parse_duration),
         allow_open_relay=section.convert("allow_open_relay", False, _bool),
+        **_null_sender_policy(section),
     )
     section.finish()
     if access.max_message_size < 1024:
         raise ConfigError("access.max_message_size", "must be at least 1KiB")
     return access
+
+
+def _null_sender_policy(section: _Section) -> dict[str, Any]:
+    address = section.convert("null_sender_address", None, _mailbox)
+    policy = section.convert("null_sender", "rewrite" if address else "refuse",
+                             _choice(("refuse", "rewrite")))
+    if policy == "rewrite" and not address:
+        raise ConfigError(section.at("null_sender_address"),
+                          "required when null_sender is rewrite (e.g. postmaster@example.com)")
+    return {"null_sender": policy, "null_sender_address": address}
+
+
+def _mailbox(value: Any) -> str:
+    text = str(value).strip()
+    try:
+        check_mailbox(text)
+    except AddressError as exc:
+        raise ValueError(f"not a valid address {text!r}: {exc}") from None
+    if not text.isascii():
+        raise ValueError(f"must be an ASCII address (Infobip has no SMTPUTF8), got {text!r}")
+    return text
 
 
 def _build_listeners(raw: object, env: Mapping[str, str],
@@ -564,6 +599,7 @@ def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) 
     ca_file = section.convert("ca_file", None, _path(base_dir))
     timeout = section.convert("timeout", 60.0, parse_duration)
     idle_timeout = section.convert("idle_timeout", 60.0, parse_duration)
+    data_timeout = section.convert("data_timeout", 600.0, parse_duration)
     section.finish()
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError("upstream.ca_file", f"file not found: {ca_file}")
@@ -573,6 +609,8 @@ def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) 
         host=host, port=port, tls=tls, username=username, password=password,
         region=region.name if region else None, auth_mechanism=mechanism,
         connections=connections, ca_file=ca_file, timeout=timeout, idle_timeout=idle_timeout,
+        data_timeout=data_timeout,
+        password_file=section.convert("password_file", None, _path(base_dir)),
     )
 
 
@@ -632,7 +670,8 @@ def _upstream_password(section: _Section, env: Mapping[str, str],
     return Secret(str(password))
 
 
-def _build_queue(raw: object, env: Mapping[str, str], base_dir: Path | None) -> QueueConfig:
+def _build_queue(raw: object, env: Mapping[str, str], base_dir: Path | None,
+                 max_message_size: int) -> QueueConfig:
     section = _Section(raw, "queue")
     default_path = Path(env.get("RELAY_QUEUE_PATH") or "./spool")
     queue = QueueConfig(
@@ -642,6 +681,7 @@ def _build_queue(raw: object, env: Mapping[str, str], base_dir: Path | None) -> 
         retry_max=section.convert("retry_max", 1800.0, parse_duration),
         keep_delivered=section.convert("keep_delivered", 86400.0, parse_duration),
         auth_retry=section.convert("auth_retry", 300.0, parse_duration),
+        min_free_space=section.convert("min_free_space", max_message_size * 3 // 2, parse_size),
     )
     section.finish()
     if queue.retry_initial <= 0:
@@ -679,7 +719,7 @@ def _build_logging(raw: object) -> LoggingConfig:
 
 def _check_relay_policy(config: Config) -> None:
     """Refuse configurations that would make an open relay or lock every client out."""
-    open_networks = [n for n in config.access.trusted_networks if n.prefixlen == 0]
+    too_wide = overly_public_networks(config.access.trusted_networks)
     for index, listener in enumerate(config.listeners):
         path = f"listeners[{index}]"
         if listener.auth != "none" and not config.users:
@@ -687,16 +727,61 @@ def _check_relay_policy(config: Config) -> None:
                                               "in users:")
         if listener.is_loopback or listener.auth == "required":
             continue
-        if open_networks and not config.access.allow_open_relay:
+        if too_wide and not config.access.allow_open_relay:
+            names = ", ".join(str(network) for network in too_wide)
             raise ConfigError("access.trusted_networks",
-                              f"{open_networks[0]} trusts every address on listener "
-                              f"{listener.name!r} ({listener.address}): that is an open relay. "
-                              "Narrow it, require auth, or set access.allow_open_relay: true")
+                              f"{names} together trust more than a /8 of public IPv4 or a /16 of "
+                              f"public IPv6 addresses on listener {listener.name!r} "
+                              f"({listener.address}): that is an open relay. Narrow it, require "
+                              "auth, or set access.allow_open_relay: true")
         remote_trusted = [n for n in config.access.trusted_networks if not n.is_loopback]
         if not remote_trusted and listener.auth == "none" and not config.access.allow_open_relay:
             raise ConfigError(path, f"listener {listener.name!r} binds {listener.address} but only "
                                     "loopback clients are trusted and auth is none: set "
                                     "access.trusted_networks (e.g. 10.0.0.0/8) or auth: required")
+
+
+# IANA special-purpose IPv4 ranges (RFC 6890 and successors): no public client comes from them.
+_NON_PUBLIC_V4 = tuple(ipaddress.IPv4Network(network) for network in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
+    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4"))
+# Global unicast; ULA, link-local, multicast and IPv4-mapped space lie outside it.
+_PUBLIC_V6 = ipaddress.IPv6Network("2000::/3")
+# A trusted union larger than this can only be a mistake: the largest single allocations are
+# /8s, and nobody trusts all of one to relay. 0.0.0.0/1 + 128.0.0.0/1 is as open as /0.
+_MAX_PUBLIC = {4: 2 ** 24, 6: 2 ** 112}
+
+
+def public_addresses(network: IPNetwork) -> int:
+    """How many addresses of ``network`` are public (routable on the internet)."""
+    if isinstance(network, ipaddress.IPv4Network):
+        return network.num_addresses - sum(_overlap(network, private)
+                                           for private in _NON_PUBLIC_V4)
+    return _overlap(network, _PUBLIC_V6)
+
+
+def _overlap(a: IPNetwork, b: IPNetwork) -> int:
+    # Two CIDR networks are nested or disjoint, so the overlap is the smaller one or nothing.
+    if a.version != b.version:
+        return 0
+    if a.subnet_of(b):  # type: ignore[arg-type]
+        return a.num_addresses
+    if b.subnet_of(a):  # type: ignore[arg-type]
+        return b.num_addresses
+    return 0
+
+
+def overly_public_networks(networks: tuple[IPNetwork, ...]) -> list[IPNetwork]:
+    """The entries that make the union of ``networks`` cover too much public space, or []."""
+    offending: list[IPNetwork] = []
+    for version, limit in _MAX_PUBLIC.items():
+        mine = [network for network in networks if network.version == version]
+        union = ipaddress.collapse_addresses(mine)  # type: ignore[type-var]
+        if sum(public_addresses(network) for network in union) > limit:
+            offending += sorted((n for n in mine if public_addresses(n)),
+                                key=lambda n: n.num_addresses, reverse=True)
+    return offending
 
 
 def _is_loopback_address(address: str) -> bool:
@@ -733,7 +818,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-_SIZE_FIELDS = {"max_message_size"}
+_SIZE_FIELDS = {"max_message_size", "min_free_space"}
 _DURATION_FIELDS = {"max_age", "retry_initial", "retry_max", "keep_delivered", "auth_retry",
                     "command_timeout", "data_timeout", "timeout", "idle_timeout", "grace_period"}
 
@@ -751,3 +836,22 @@ def iter_secret_values(config: Config) -> Iterator[str]:
     yield config.upstream.password.reveal()
     for user in config.users:
         yield user.password_hash.reveal()
+
+
+def permission_warnings(config: Config) -> list[str]:
+    """Secret files that other users can read or change: one line each, never the secret."""
+    files = [("upstream.password_file", config.upstream.password_file)]
+    files += [(f"listeners[{index}].private_key", listener.private_key)
+              for index, listener in enumerate(config.listeners)]
+    warnings = []
+    for key, path in files:
+        if path is None:
+            continue
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            continue  # loading the config already reported a file it could not read
+        if mode & 0o077:
+            warnings.append(f"{key}: {path} is accessible by group or others (mode {mode:04o}); "
+                            f"make it private: chmod 600 {path}")
+    return warnings

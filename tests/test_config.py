@@ -628,17 +628,37 @@ def test_public_listener_with_remote_trusted_network_is_ok(tmp_path: Path, addre
     assert not config.listeners[0].is_loopback
 
 
-@pytest.mark.parametrize("everything", ["0.0.0.0/0", "::/0"])
+@pytest.mark.parametrize("everything", [
+    "0.0.0.0/0", "::/0",
+    # Issue 8 item 7: halves and quarters are as open as /0, and used to pass.
+    "0.0.0.0/1, 128.0.0.0/1", "::/1, 8000::/1", "0.0.0.0/2, 64.0.0.0/2", "16.0.0.0/7",
+    "2000::/3", "2000::/15",
+])
 def test_trust_everything_on_public_listener_is_refused(tmp_path: Path, everything: str) -> None:
+    entries = ", ".join(f'"{network.strip()}"' for network in everything.split(","))
     text = f"""
         listeners: [{{name: pub, address: 0.0.0.0}}]
-        access: {{trusted_networks: ["{everything}"]}}
+        access: {{trusted_networks: [{entries}]}}
     """
     error = load_error(tmp_path, text)
     assert_path(error, "access.trusted_networks")
     assert "open relay" in error.message
+    assert everything.split(",", 1)[0].strip() in error.message  # the entries are named
     config = load(tmp_path, text.replace("]}", "], allow_open_relay: true}"))
     assert config.access.allow_open_relay is True
+
+
+@pytest.mark.parametrize("networks", [
+    "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, fc00::/7",
+    "17.0.0.0/8", "203.0.113.0/24, 2001:db8::/32", "2a00:1450::/32",
+])
+def test_realistic_trusted_networks_are_not_an_open_relay(tmp_path: Path, networks: str) -> None:
+    entries = ", ".join(f'"{network.strip()}"' for network in networks.split(","))
+    config = load(tmp_path, f"""
+        listeners: [{{name: pub, address: 0.0.0.0}}]
+        access: {{trusted_networks: [{entries}]}}
+    """)
+    assert not config.access.allow_open_relay
 
 
 def test_trust_everything_on_loopback_listener_is_ok(tmp_path: Path) -> None:
