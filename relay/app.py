@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import IO
 
 from relay import sdnotify
-from relay.config import Config, load_config
+from relay.config import Config, load_config, permission_warnings
 from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError
 from relay.listener import ListenerState, protocol_factory, server_tls_context
 from relay.metrics import HealthServer, Metrics
-from relay.spool import Spool, absorb_spool, worker_spool_dir, worker_spools
+from relay.spool import Spool, absorb_spool, restrict_mode, worker_spool_dir, worker_spools
 from relay.upstream import UpstreamConnection
 
 log = logging.getLogger("relay.server")
@@ -85,6 +85,8 @@ class Server:
 
     async def startup(self) -> None:
         config = self.config
+        for warning in permission_warnings(config):
+            log.warning("%s", warning)
         self._lock_spool(self.spool_dir)
         try:
             self.spool = Spool(self.spool_dir)
@@ -92,6 +94,8 @@ class Server:
         except SpoolError as exc:
             raise StartupError(str(exc)) from exc
         self.spool.start()
+        # The credentials may have been fixed while we were down.
+        await self._release_auth_deferred("at start")
         self.delivery = Delivery(config, self.spool, self.metrics, self._connection_factory(config))
         self.state = ListenerState(config=config, spool=self.spool, sink=self.delivery,
                                    metrics=self.metrics)
@@ -169,6 +173,8 @@ class Server:
                                                               tls_contexts, new)
             if self.delivery is not None:
                 if upstream_changed:
+                    # Before reconfigure() wakes the poller, so that they go out at once.
+                    await self._release_auth_deferred("after the upstream settings changed")
                     self.delivery.reconfigure(new, self._connection_factory(new))
                 else:
                     self.delivery.config = new
@@ -179,6 +185,18 @@ class Server:
                 sdnotify.ready("relaying")
 
     # -- parts
+
+    async def _release_auth_deferred(self, when: str) -> None:
+        """Messages held back only by a refused API key wait no longer for queue.auth_retry."""
+        assert self.spool is not None
+        try:
+            released = await self.spool.release_auth_deferred(time.time())
+        except SpoolError as exc:
+            log.error("cannot release messages deferred by upstream authentication: %s", exc)
+            return
+        if released:
+            log.info("%d message(s) deferred by an upstream authentication failure are due "
+                     "again %s", released, when)
 
     def _connection_factory(self, config: Config) -> Callable[[], UpstreamConnection]:
         context = config.upstream.ssl_context()
@@ -269,7 +287,8 @@ class Server:
     def _lock_spool(self, directory: Path) -> None:
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115
+            restrict_mode(directory, 0o700)
+            handle = open_private(directory / LOCK_FILE)
         except OSError as exc:
             raise StartupError(f"cannot use spool directory {directory}: {exc.strerror}") from exc
         try:
@@ -287,7 +306,7 @@ class Server:
 
     @staticmethod
     def _write_pid(directory: Path) -> None:
-        (directory / PID_FILE).write_text(f"{os.getpid()}\n", encoding="ascii")
+        write_pid_file(directory / PID_FILE)
 
     @staticmethod
     def _remove_pid(directory: Path) -> None:
@@ -333,6 +352,20 @@ def _warn_unreloadable(old: Config, new: Config) -> None:
         log.warning("queue.path changes only on restart")
     if old.metrics != new.metrics:
         log.warning("metrics address changes only on restart")
+
+
+def open_private(path: Path) -> IO[str]:
+    """Open (append, create 0600) a file in the spool; an existing one loses other access."""
+    handle = open(os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600),  # noqa: SIM115
+                  "a+", encoding="utf-8")
+    restrict_mode(path, 0o600)
+    return handle
+
+
+def write_pid_file(path: Path) -> None:
+    with open_private(path) as handle:
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
 
 
 def read_pid(directory: Path) -> int | None:

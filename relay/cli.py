@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
 import getpass
 import json
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import yaml
 
 from relay import __version__
-from relay.app import Server, read_pid
-from relay.config import Config, iter_secret_values, load_config, redacted
+from relay.app import LOCK_FILE, Server, open_private, read_pid
+from relay.bodyfiles import OrphanedBody, SavedEnvelope, is_message_id
+from relay.config import Config, iter_secret_values, load_config, permission_warnings, redacted
 from relay.envelope import MessageContext
-from relay.errors import RelayError
+from relay.errors import RelayError, SpoolError
 from relay.logs import configure_logging
 from relay.passwords import hash_password
 from relay.regions import format_region_table
@@ -46,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except RelayError as exc:
         print(f"infobip-relay: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except sqlite3.Error as exc:  # damage that the check at open could not see
+        print(f"infobip-relay: error: spool database: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -121,10 +128,41 @@ def _add_queue_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         if name == "show":
             action.add_argument("--json", action="store_true")
         action.set_defaults(func=func)
+    _add_recover_command(actions)
     for parser in actions.choices.values():
         _config_option(parser)
         _spool_option(parser)
     queue.set_defaults(func=lambda args: _usage(queue))
+
+
+_RECOVER_HELP = """\
+At start the relay moves message bodies that the spool database does not know to
+bodies/orphaned/ (it never deletes them) and logs an error. That happens when the database
+was lost, emptied or replaced: then every one of them was acknowledged with 250 and must be
+sent. It also happens after a crash between writing a body and committing its row: then no
+client was told 250, the client probably sent the message again, and re-importing it may
+deliver it twice: that is why such bodies wait in quarantine, neither sent nor deleted. Look
+with --list and remove from bodies/orphaned/ what must not be sent. Only bodies over 64 KiB
+live in files; smaller ones were in the database only.
+
+Without ID: re-import every quarantined body that has its envelope file (<ID>.env) as a queued
+message with its original id, and list those without one, which stay in quarantine. With ID:
+re-import that one; --from and --to give (or replace) its envelope. Exit status 1 when
+something stays in quarantine. Works while the relay runs."""
+
+
+def _add_recover_command(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    recover = actions.add_parser(
+        "recover", help="re-import quarantined message bodies (bodies/orphaned/)",
+        description=_RECOVER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recover.add_argument("id", metavar="ID", nargs="?", help="only this quarantined message")
+    recover.add_argument("--list", action="store_true",
+                         help="only list what is in quarantine; change nothing")
+    recover.add_argument("--from", dest="mail_from", metavar="ADDR",
+                         help="envelope sender for ID")
+    recover.add_argument("--to", dest="rcpt", metavar="ADDR", action="append", default=[],
+                         help="envelope recipient for ID (repeatable)")
+    recover.set_defaults(func=_queue_recover)
 
 
 def _add_rules_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -163,6 +201,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    for warning in permission_warnings(config):
+        print(f"infobip-relay: warning: {warning}", file=sys.stderr)
     print(f"# configuration OK ({config.source}); secrets redacted")
     print(yaml.safe_dump(redacted(config), sort_keys=False, allow_unicode=True), end="")
     return EXIT_OK
@@ -302,6 +342,108 @@ def _queue_delete(args: argparse.Namespace) -> int:
         raise CLIError(f"no message {args.id} in the spool")
     print(f"{args.id} deleted")
     return EXIT_OK
+
+
+def _queue_recover(args: argparse.Namespace) -> int:
+    given = _given_envelope(args)
+    left = 0
+    found = False
+    databases = _open_spools(args)
+    with contextlib.ExitStack() as locks:
+        for db in databases:
+            locks.callback(db.close)
+            lock = None if args.list else _lock_if_stopped(db)
+            if lock is not None:
+                locks.enter_context(lock)
+                _quarantine(db)
+            orphans = [o for o in db.orphans() if args.id in (None, o.id)]
+            found = found or bool(orphans)
+            left += sum(_recover_one(db, orphan, given, dry_run=args.list) for orphan in orphans)
+    if args.id is not None and not found:
+        raise CLIError(f"no message {args.id} in quarantine (bodies/orphaned/)")
+    if not found:
+        print("nothing in quarantine")
+    elif left and not args.list:
+        print(f"{left} message(s) left in quarantine: re-import one with "
+              "`infobip-relay queue recover ID --from ADDR --to ADDR`", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _lock_if_stopped(db: SpoolDB) -> IO[str] | None:
+    """The spool's lock, held, when no relay runs on it; else None."""
+    try:
+        lock = open_private(db.directory / LOCK_FILE)
+    except OSError:
+        return None  # not ours to lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return None  # a relay runs
+    return lock
+
+
+def _quarantine(db: SpoolDB) -> None:
+    """Do first what the relay's next start would do (only safe while no relay runs: one
+    may be between writing a body and committing its row)."""
+    try:
+        moved = db.quarantine_orphan_bodies()
+    except OSError as exc:
+        raise CLIError(f"cannot quarantine in {db.bodies}: {exc}") from None
+    if moved:
+        print(f"moved {len(moved)} body file(s) unknown to {db.path} into quarantine")
+
+
+def _given_envelope(args: argparse.Namespace) -> SavedEnvelope | None:
+    """The envelope from --from/--to, for one ID only; None when not given."""
+    if args.mail_from is None and not args.rcpt:
+        return None
+    if args.id is None:
+        raise CLIError("--from and --to need the ID of one quarantined message")
+    if args.mail_from is None or not args.rcpt:
+        raise CLIError("give both --from and at least one --to")
+    if not is_message_id(args.id):
+        raise CLIError(f"{args.id!r} is not a message id")
+    return SavedEnvelope(args.mail_from, tuple(args.rcpt))
+
+
+def _recover_one(db: SpoolDB, orphan: OrphanedBody, given: SavedEnvelope | None, *,
+                 dry_run: bool) -> int:
+    """Re-import one quarantined body, or say why not; 1 when it stays in quarantine."""
+    saved = given or orphan.envelope
+    if saved is None:
+        print(f"{orphan.id}: {orphan.size} bytes, {orphan.problem}; left in {orphan.path}")
+        return 1
+    recipients = ", ".join(saved.recipients)
+    if dry_run:
+        print(f"{orphan.id}: {orphan.size} bytes, <{saved.mail_from}> -> {recipients}")
+        return 1
+    if given is not None:
+        saved = _complete(given, orphan)
+    try:
+        db.recover(orphan, saved, dt.datetime.now().timestamp())
+    except (SpoolError, OSError) as exc:
+        print(f"{orphan.id}: not re-imported: {exc}", file=sys.stderr)
+        return 1
+    print(f"{orphan.id}: re-imported as queued, <{saved.mail_from}> -> {recipients}")
+    return 0
+
+
+def _complete(given: SavedEnvelope, orphan: OrphanedBody) -> SavedEnvelope:
+    """Fill in what --from/--to cannot say, the way the listener would have."""
+    previous = orphan.envelope
+    data = orphan.path.read_bytes()
+    options = ["BODY=8BITMIME"] if not data.isascii() else []
+    if not all(address.isascii() for address in (given.mail_from, *given.recipients)):
+        options.append("SMTPUTF8")
+    return SavedEnvelope(
+        given.mail_from, given.recipients, tuple(options),
+        created=previous.created if previous else orphan.path.stat().st_mtime,
+        priority=previous.priority if previous else given.priority,
+        client=previous.client if previous else None,
+        auth_user=previous.auth_user if previous else None,
+        listener=previous.listener if previous else None)
 
 
 def _rules_test(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -20,8 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from relay.bodyfiles import (
+    ORPHANED_DIR,
+    OrphanedBody,
+    SavedEnvelope,
+    count_orphans,
+    envelope_path,
+    fsync_dir,
+    list_orphans,
+    quarantine_unknown,
+    restore_files,
+    write_synced,
+)
 from relay.envelope import Envelope
 from relay.errors import SpoolError
+
+log = logging.getLogger("relay.spool")
 
 State = Literal["queued", "deferred", "failed", "delivered"]
 RecipientState = Literal["pending", "delivered", "failed"]
@@ -53,10 +68,20 @@ CREATE TABLE IF NOT EXISTS messages (
     last_reply   TEXT,
     upstream_id  TEXT,
     data         BLOB,
-    body_file    INTEGER NOT NULL DEFAULT 0
+    body_file    INTEGER NOT NULL DEFAULT 0,
+    auth_deferred INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
 """
+# A `messages` table without these is not a spool of ours (body_file is added to old spools).
+_REQUIRED_COLUMNS = frozenset({
+    "id", "state", "priority", "created", "updated", "next_attempt", "attempts", "mail_from",
+    "recipients", "mail_options", "size", "client", "auth_user", "listener", "last_reply",
+    "upstream_id", "data"})
+_INSERT = ("INSERT INTO messages (id, state, priority, created, updated, next_attempt,"
+           " attempts, mail_from, recipients, mail_options, size, client, auth_user,"
+           " listener, data, body_file)"
+           " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +131,9 @@ class Outcome:
     attempts: int
     last_reply: str | None
     upstream_id: str | None = None
+    # Deferred only because the upstream refused our credentials: due at once after a restart
+    # or a reload with other upstream settings.
+    auth_deferred: bool = False
 
 
 _COLUMNS = ("id, state, priority, created, updated, next_attempt, attempts, mail_from, recipients, "
@@ -113,7 +141,7 @@ _COLUMNS = ("id, state, priority, created, updated, next_attempt, attempts, mail
 
 
 _RECORD = ("UPDATE messages SET state=?, recipients=?, next_attempt=?, attempts=?, last_reply=?,"
-           " upstream_id=COALESCE(?, upstream_id), updated=? WHERE id=?")
+           " upstream_id=COALESCE(?, upstream_id), auth_deferred=?, updated=? WHERE id=?")
 # A delivered message keeps its record (for `queue list --state delivered`) but not its bytes.
 _RECORD_DELIVERED = _RECORD.replace(" WHERE", ", data=NULL WHERE")
 
@@ -140,32 +168,85 @@ class SpoolDB:
     def __init__(self, directory: Path, *, create: bool = True) -> None:
         self.directory = directory
         self.path = directory / DB_NAME
+        self.bodies = directory / BODIES_DIR
         if create:
             _make_private_dir(directory)
+            _make_private_database(self.path)
         elif not self.path.exists():
             raise SpoolError(f"no spool at {self.path}")
         try:
             self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30,
                                         check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open spool {self.path}: {exc}") from exc
+        try:
+            # Before anything writes: a damaged or foreign file must stay exactly as found.
+            self.is_new = self._check_database()
             self.conn.execute("PRAGMA journal_mode=WAL")
             # FULL: the WAL is fsynced at every commit, so a 250 survives power loss.
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA busy_timeout=30000")
             self.conn.executescript(_SCHEMA)
             self._add_missing_columns()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, SpoolError) as exc:
+            self.conn.close()
+            if isinstance(exc, SpoolError):
+                raise
             raise SpoolError(f"cannot open spool {self.path}: {exc}") from exc
         if create:
-            os.chmod(self.path, 0o600)
-        self.bodies = directory / BODIES_DIR
+            # After the checks: a foreign file keeps even its mode.
+            for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
+                restrict_mode(directory / name, 0o600)
         # Files to remove once the transaction that stops referring to them has committed.
         self._unlink_after_commit: list[Path] = []
+
+    def _check_database(self) -> bool:
+        """Refuse a damaged or foreign database (SpoolError); True when it is new or empty."""
+        try:
+            tables = {row[0] for row in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                return True
+            self._check_schema(tables)
+            # Reads every page once: 12 ms for 10,000 messages of 1 KB (0.1 s from a cold
+            # disk), far cheaper than meeting the damage later, mid-delivery, under new mail.
+            problem = self.conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+        except sqlite3.OperationalError:
+            raise  # locked, unreadable: not a verdict on the file's content
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_NOTADB":
+                raise SpoolError(f"{self.path} is not an SQLite database, so not a spool; "
+                                 "it was left untouched") from None
+            problem = str(exc)
+        if problem != "ok":
+            detail = " ".join(str(problem).split())
+            raise SpoolError(f"spool database {self.path} is damaged ({detail}); it was left "
+                             "untouched: keep a copy of the spool directory, then repair the "
+                             "file or move it aside (see `infobip-relay queue recover --help`)")
+        return False
+
+    def _check_schema(self, tables: set[str]) -> None:
+        if "messages" not in tables:
+            raise SpoolError(f"{self.path} is an SQLite database of something else (tables: "
+                             f"{', '.join(sorted(tables))}), not a spool; it was left untouched")
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(messages)")}
+        missing = _REQUIRED_COLUMNS - columns
+        if missing:
+            raise SpoolError(f"{self.path} has a messages table without "
+                             f"{', '.join(sorted(missing))}: not a spool; it was left untouched")
 
     def _add_missing_columns(self) -> None:
         columns = {row[1] for row in self.conn.execute("PRAGMA table_info(messages)")}
         if "body_file" not in columns:  # spools written before bodies could live in files
             self.conn.execute(
                 "ALTER TABLE messages ADD COLUMN body_file INTEGER NOT NULL DEFAULT 0")
+        if "auth_deferred" not in columns:  # spools written before auth deferrals were marked
+            self.conn.execute(
+                "ALTER TABLE messages ADD COLUMN auth_deferred INTEGER NOT NULL DEFAULT 0")
+            # The one mark such deferrals had: the reply written by Delivery._on_auth_failure.
+            self.conn.execute(
+                "UPDATE messages SET auth_deferred=1 WHERE state='deferred'"
+                " AND last_reply LIKE 'upstream authentication failed:%'")
 
     def close(self) -> None:
         self.conn.close()
@@ -204,46 +285,48 @@ class SpoolDB:
         recipients = _encode_recipients(Recipient(address) for address in ctx.rcpt_tos)
         in_file = len(envelope.data) > FILE_BODY_THRESHOLD
         if in_file:
-            self._write_body(ctx.queue_id, envelope.data)
+            saved = SavedEnvelope(ctx.mail_from, ctx.rcpt_tos, envelope.mail_options, priority,
+                                  now, ctx.client_ip, ctx.auth_user, ctx.listener)
+            self._write_body(ctx.queue_id, envelope.data, saved)
         try:
             self.conn.execute(
-                "INSERT INTO messages (id, state, priority, created, updated, next_attempt,"
-                " attempts, mail_from, recipients, mail_options, size, client, auth_user,"
-                " listener, data, body_file)"
-                " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _INSERT,
                 (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
                  json.dumps(list(envelope.mail_options)), len(envelope.data), ctx.client_ip,
                  ctx.auth_user, ctx.listener, None if in_file else envelope.data, int(in_file)),
             )
         except sqlite3.Error:
             if in_file:
-                with contextlib.suppress(OSError):
-                    self._body_path(ctx.queue_id).unlink()
+                for path in self._body_files(ctx.queue_id):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
             raise
 
     def _body_path(self, message_id: str) -> Path:
         return self.bodies / message_id
 
-    def _write_body(self, message_id: str, data: bytes) -> None:
-        """Write and fsync a body file, and its directory entry, before the row commits."""
+    def _body_files(self, message_id: str) -> tuple[Path, Path]:
+        """The body and its envelope sidecar."""
+        body = self._body_path(message_id)
+        return body, envelope_path(body)
+
+    def _write_body(self, message_id: str, data: bytes, saved: SavedEnvelope) -> None:
+        """Write and fsync a body file and its envelope sidecar before the row commits.
+
+        The sidecar lets `queue recover` send the body again exactly if the row is ever lost;
+        the two files share one fsync of the directory.
+        """
         self.bodies.mkdir(mode=0o700, exist_ok=True)
-        path = self._body_path(message_id)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        body, sidecar = self._body_files(message_id)
+        write_synced(body, data)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_synced(sidecar, saved.to_json())
+            fsync_dir(self.bodies)
         except OSError:
-            os.close(fd)
-            path.unlink()
+            for path in (body, sidecar):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             raise
-        os.close(fd)
-        directory = os.open(self.bodies, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
     def record(self, message_id: str, outcome: Outcome, now: float) -> bool:
         """Store an attempt's outcome; delivered messages drop their data. False if deleted."""
@@ -251,10 +334,11 @@ class SpoolDB:
         cursor = self.conn.execute(
             sql,
             (outcome.state, _encode_recipients(outcome.recipients), outcome.next_attempt,
-             outcome.attempts, outcome.last_reply, outcome.upstream_id, now, message_id),
+             outcome.attempts, outcome.last_reply, outcome.upstream_id,
+             int(outcome.auth_deferred), now, message_id),
         )
         if outcome.state == "delivered" and cursor.rowcount:
-            self._unlink_after_commit.append(self._body_path(message_id))
+            self._unlink_after_commit.extend(self._body_files(message_id))
         return cursor.rowcount > 0
 
     def retry(self, message_id: str, now: float) -> bool:
@@ -271,26 +355,45 @@ class SpoolDB:
         )
         return True
 
+    def release_auth_deferred(self, now: float) -> int:
+        """Make due now the messages deferred only by an upstream authentication failure."""
+        return self.conn.execute(
+            "UPDATE messages SET next_attempt=?, auth_deferred=0, updated=?"
+            " WHERE auth_deferred=1 AND state IN ('queued', 'deferred')", (now, now),
+        ).rowcount
+
     def delete(self, message_id: str) -> bool:
         deleted = self.conn.execute("DELETE FROM messages WHERE id=?",
                                     (message_id,)).rowcount > 0
         if deleted:
-            self._unlink_after_commit.append(self._body_path(message_id))
+            self._unlink_after_commit.extend(self._body_files(message_id))
         return deleted
 
-    def remove_orphan_bodies(self) -> int:
-        """Body files whose row never committed (a crash in between): nobody was told 250."""
-        if not self.bodies.is_dir():
-            return 0
-        known = {row[0] for row in self.conn.execute(
-            "SELECT id FROM messages WHERE body_file = 1 AND state != 'delivered'")}
-        removed = 0
-        for path in self.bodies.iterdir():
-            if path.name not in known:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                removed += 1
-        return removed
+    def quarantine_orphan_bodies(self) -> list[str]:
+        """Move body files without a row to ``bodies/orphaned/``; the quarantined ids.
+
+        Never deleted: a crash between body write and commit (nobody was told 250) and a lost
+        or replaced database (everything was told 250) leave the same traces.
+        """
+        states = dict(self.conn.execute("SELECT id, state FROM messages WHERE body_file = 1"))
+        return quarantine_unknown(self.bodies, states)
+
+    def orphans(self) -> list[OrphanedBody]:
+        return list_orphans(self.bodies)
+
+    def recover(self, orphan: OrphanedBody, saved: SavedEnvelope, now: float) -> None:
+        """Re-import a quarantined body as a queued message with its original id."""
+        if self.get(orphan.id) is not None:
+            raise SpoolError(f"{orphan.id} is already in the spool; its quarantined copy "
+                             f"{orphan.path} was left alone")
+        # Files first, row last: a crash in between leaves a body without a row, which the
+        # next start quarantines again.
+        restore_files(self.bodies, orphan, saved)
+        recipients = _encode_recipients(Recipient(address) for address in saved.recipients)
+        self.transaction(lambda: self.conn.execute(
+            _INSERT, (orphan.id, saved.priority, saved.created or now, now, now,
+                      saved.mail_from, recipients, json.dumps(list(saved.mail_options)),
+                      orphan.size, saved.client, saved.auth_user, saved.listener, None, 1)))
 
     def prune_delivered(self, older_than: float) -> int:
         return self.conn.execute(
@@ -393,10 +496,10 @@ def absorb_spool(target: SpoolDB, source_dir: Path) -> int:
 
 def _move_body_files(source: SpoolDB, target: SpoolDB) -> None:
     for (message_id,) in source.conn.execute("SELECT id FROM messages WHERE body_file = 1"):
-        moved_from = source.bodies / message_id
-        if moved_from.exists():
-            target.bodies.mkdir(mode=0o700, exist_ok=True)
-            os.replace(moved_from, target.bodies / message_id)
+        for moved_from in source._body_files(message_id):
+            if moved_from.exists():
+                target.bodies.mkdir(mode=0o700, exist_ok=True)
+                os.replace(moved_from, target.bodies / moved_from.name)
 
 
 def _make_private_dir(directory: Path) -> None:
@@ -406,6 +509,31 @@ def _make_private_dir(directory: Path) -> None:
         raise SpoolError(f"cannot create spool directory {directory}: {exc.strerror}") from exc
     if not os.access(directory, os.W_OK | os.X_OK):
         raise SpoolError(f"spool directory {directory} is not writable")
+    # An existing directory keeps the mode it was made with; the spool holds message text.
+    restrict_mode(directory, 0o700)
+    restrict_mode(directory / BODIES_DIR, 0o700)
+
+
+def _make_private_database(path: Path) -> None:
+    """Create the database file 0600 before SQLite does.
+
+    SQLite gives a new WAL or SHM file the mode of the database file, and the WAL holds
+    message text: a 0600 database keeps them private too.
+    """
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise SpoolError(f"cannot create spool database {path}: {exc.strerror}") from exc
+
+
+def restrict_mode(path: Path, mode: int) -> None:
+    """Take away permissions beyond ``mode``; a file we may not chmod is left as it is."""
+    try:
+        current = path.stat().st_mode & 0o777
+        if current & ~mode:
+            os.chmod(path, current & mode)
+    except (FileNotFoundError, PermissionError):
+        pass
 
 
 T = TypeVar("T")
@@ -417,12 +545,17 @@ class Spool:
 
     def __init__(self, directory: Path) -> None:
         self.db = SpoolDB(directory)
-        self.db.remove_orphan_bodies()
+        _log_quarantine(self.db, self.db.quarantine_orphan_bodies())
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.last_error: str | None = None
+
+    def free_space(self) -> int:
+        """Bytes available to the relay on the spool's file system."""
+        stats = os.statvfs(self.db.directory)
+        return stats.f_bavail * stats.f_frsize
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -474,6 +607,10 @@ class Spool:
 
     async def prune_delivered(self, older_than: float) -> int:
         result: int = await self._submit(lambda db: db.prune_delivered(older_than), write=True)
+        return result
+
+    async def release_auth_deferred(self, now: float) -> int:
+        result: int = await self._submit(lambda db: db.release_auth_deferred(now), write=True)
         return result
 
     async def check_writable(self) -> bool:
@@ -563,6 +700,19 @@ class Spool:
             error = SpoolError(f"spool commit failed: {exc}")
             return [(future, None, error) for _, future, _ in writes]
         return results
+
+
+def _log_quarantine(db: SpoolDB, quarantined: list[str]) -> None:
+    where = db.bodies / ORPHANED_DIR
+    if quarantined:
+        cause = (f"the database {db.path} is new or empty: it was probably lost, truncated or "
+                 "replaced" if db.is_new else "their rows are missing")
+        log.error("%d message body file(s) unknown to the spool database moved to %s, not "
+                  "deleted (%s); re-import them with `infobip-relay queue recover`",
+                  len(quarantined), where, cause)
+    elif waiting := count_orphans(db.bodies):
+        log.warning("%d message body file(s) wait in quarantine in %s; see `infobip-relay "
+                    "queue recover`", waiting, where)
 
 
 def _as_spool_error(exc: Exception) -> Exception:

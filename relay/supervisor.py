@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from relay import sdnotify
-from relay.app import PID_FILE, Server, StartupError
+from relay.app import PID_FILE, Server, StartupError, write_pid_file
 from relay.config import Config
 
 log = logging.getLogger("relay.supervisor")
@@ -40,7 +40,7 @@ def run_workers(config: Config, config_path: str | None, run: Runner) -> int:
             supervisor.stop_all()
             return 1
     pid_file = config.queue.path / PID_FILE
-    pid_file.write_text(f"{os.getpid()}\n", encoding="ascii")
+    write_pid_file(pid_file)
     log.info("supervising %d worker processes", count)
     sdnotify.ready(f"relaying with {count} workers")
     try:
