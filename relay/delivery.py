@@ -24,6 +24,7 @@ from relay.upstream import (
     SendResult,
     UpstreamAuthError,
     UpstreamConnection,
+    UpstreamOutcomeUnknown,
     UpstreamUnavailable,
 )
 
@@ -37,6 +38,10 @@ _PROBE_INTERVAL = 60.0
 # past it (a slow or absent upstream) they are read back from the spool when their turn comes.
 _MEMORY_BUDGET = 16 * 1024 * 1024
 _MAX_CONNECT_BACKOFF = 60.0
+# While mail waits for a paused upstream, probe this often: one failed burst of connects must not
+# hold the mail back for _MAX_CONNECT_BACKOFF once the upstream is back.
+_WAITING_PROBE_INTERVAL = 2.0
+_LOG_LEVELS = {"delivered": logging.INFO, "pending": logging.WARNING, "failed": logging.ERROR}
 
 
 @dataclass(order=True)
@@ -58,8 +63,12 @@ class UpstreamHealth:
         self.auth_failed = False
         self.last_success: float | None = None
         self.last_error: str | None = None
+        # Learnt from the upstream's EHLO; the listener refuses what it could not forward.
+        self.smtputf8: bool | None = None
 
-    def record_success(self) -> None:
+    def record_success(self, smtputf8: bool | None = None) -> None:
+        if smtputf8 is not None:
+            self.smtputf8 = smtputf8
         self.failures = 0
         self.down_until = 0.0
         self.auth_failed = False
@@ -82,9 +91,9 @@ class UpstreamHealth:
     def ok(self) -> bool:
         return self.failures == 0 and not self.auth_failed and self.last_success is not None
 
-    async def wait_until_up(self) -> None:
-        while (remaining := self.down_until - time.monotonic()) > 0:
-            await asyncio.sleep(min(remaining, 1.0))
+    @property
+    def paused(self) -> bool:
+        return time.monotonic() < self.down_until
 
 
 def backoff_delay(attempts: int, initial: float, maximum: float) -> float:
@@ -94,8 +103,11 @@ def backoff_delay(attempts: int, initial: float, maximum: float) -> float:
 
 
 def decide_outcome(message: QueuedMessage, result: SendResult, now: float,
-                   config: Config) -> Outcome:
-    """Merge one attempt's per-recipient results into the message's new spool state."""
+                   config: Config, *, min_delay: float = 0.0) -> Outcome:
+    """Merge one attempt's per-recipient results into the message's new spool state.
+
+    ``min_delay``: a deferred message waits at least this long (an unknown outcome).
+    """
     queue = config.queue
     expired = now - message.created >= queue.max_age
     recipients: list[Recipient] = []
@@ -117,11 +129,24 @@ def decide_outcome(message: QueuedMessage, result: SendResult, now: float,
     state = _message_state(recipients)
     next_attempt = now
     if state == "deferred":
-        next_attempt = now + backoff_delay(attempts, queue.retry_initial, queue.retry_max)
-    last_reply = result.reply or next(
-        (r.reply for r in recipients if r.reply and r.state != "delivered"), None)
+        next_attempt = now + max(min_delay, backoff_delay(attempts, queue.retry_initial,
+                                                          queue.retry_max))
+    last_reply = _explaining_reply(message, recipients, result, state)
     return Outcome(tuple(recipients), state, next_attempt, attempts, last_reply,
                    result.upstream_id)
+
+
+def _explaining_reply(message: QueuedMessage, recipients: list[Recipient], result: SendResult,
+                      state: State) -> str | None:
+    """The reply that explains the new state: never another recipient's 250 or an older 5xx."""
+    if state == "delivered":
+        return result.reply or None
+    attempted = set(message.pending)
+    for wanted in ("pending", "failed"):
+        for recipient in recipients:
+            if recipient.state == wanted and recipient.address in attempted and recipient.reply:
+                return recipient.reply
+    return result.reply or None
 
 
 def _message_state(recipients: list[Recipient]) -> State:
@@ -148,6 +173,9 @@ class Delivery:
         self.health = UpstreamHealth()
         self._ready: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
         self._known: set[str] = set()
+        # Outcomes the spool could not commit (disk full, I/O error). Their messages stay
+        # claimed, so a delivered one is never sent again, until a retry commits them.
+        self._unrecorded: dict[str, Outcome] = {}
         self._seq = itertools.count()
         self._memory = 0
         self._workers: list[asyncio.Task[None]] = []
@@ -156,6 +184,9 @@ class Delivery:
         self._busy = 0
         self._stopping = False
         self._wake = asyncio.Event()
+        # Set when the upstream may be usable again (a probe succeeded, a reload): paused
+        # workers look at the health again at once.
+        self._resume = asyncio.Event()
 
     # -- lifecycle
 
@@ -180,6 +211,11 @@ class Delivery:
             task.cancel()
         await asyncio.gather(*self._workers, *self._tasks, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self._connections), return_exceptions=True)
+        await self._record_unrecorded()
+        if self._unrecorded:
+            log.error("%d outcome(s) could not be recorded before shutdown; those messages may "
+                      "be sent again after a restart: %s", len(self._unrecorded),
+                      ", ".join(sorted(self._unrecorded)))
 
     def reconfigure(self, config: Config, connection_factory: ConnectionFactory) -> None:
         """Adopt a reloaded config: new connections use it; the health state starts afresh."""
@@ -190,6 +226,7 @@ class Delivery:
             replacement = connection_factory()
             self._connections[index] = replacement
             asyncio.create_task(connection.close())  # noqa: RUF006
+        self._resume.set()
         self._wake.set()
 
     # -- the listener's side
@@ -210,6 +247,10 @@ class Delivery:
                                     message.id, message, data if keep else None))
 
     @property
+    def upstream_smtputf8(self) -> bool | None:
+        return self.health.smtputf8
+
+    @property
     def open_connections(self) -> int:
         return sum(1 for connection in self._connections if connection.connected)
 
@@ -218,7 +259,7 @@ class Delivery:
     async def _work(self, index: int) -> None:
         """Deliver with connection slot ``index`` (reconfigure() may replace the connection)."""
         while not self._stopping:
-            await self.health.wait_until_up()
+            await self._wait_until_up()
             try:
                 job = await asyncio.wait_for(self._ready.get(),
                                              timeout=self.config.upstream.idle_timeout)
@@ -241,12 +282,39 @@ class Delivery:
                     # stays claimed until then so that the poller cannot send it again.
                     recorded.add_done_callback(functools.partial(self._release, job))
 
+    async def _wait_until_up(self) -> None:
+        """Pause while the upstream is down; reconfigure() replaces self.health, so re-read it."""
+        while (remaining := self.health.down_until - time.monotonic()) > 0:
+            self._resume.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resume.wait(), remaining)
+
     def _release(self, job: _Job, recorded: asyncio.Future[bool] | None = None) -> None:
         if job.data is not None:
             self._memory -= len(job.data)
-        self._known.discard(job.id)
-        if recorded is not None and not recorded.cancelled() and recorded.exception():
-            log.error("cannot record the outcome for %s: %s", job.id, recorded.exception())
+        if job.id not in self._unrecorded:
+            self._known.discard(job.id)
+
+    def _keep_if_unrecorded(self, message_id: str, outcome: Outcome,
+                            recorded: asyncio.Future[bool]) -> None:
+        if recorded.cancelled() or recorded.exception() is None:
+            return
+        self._unrecorded[message_id] = outcome
+        log.error("cannot record the outcome for %s (%s): %s; it is kept in memory and retried, "
+                  "and the message is not sent again meanwhile", message_id, outcome.state,
+                  recorded.exception(), extra={"queue_id": message_id})
+
+    async def _record_unrecorded(self) -> None:
+        """Commit the outcomes that failed to commit; release each message that made it."""
+        for message_id, outcome in list(self._unrecorded.items()):
+            try:
+                await self.spool.record(message_id, outcome)
+            except Exception:  # still failing: the next round tries again
+                return
+            del self._unrecorded[message_id]
+            self._known.discard(message_id)
+            log.info("outcome for %s recorded after all", message_id,
+                     extra={"queue_id": message_id})
 
     async def _deliver(self, connection: UpstreamConnection, job: _Job
                        ) -> asyncio.Future[bool] | None:
@@ -263,10 +331,13 @@ class Delivery:
                                            message.mail_options)
         except UpstreamAuthError as exc:
             return self._on_auth_failure(message, str(exc))
+        except UpstreamOutcomeUnknown as exc:
+            return self._on_unknown_outcome(message, str(exc))
         except UpstreamUnavailable as exc:
             return self._on_unavailable(message, str(exc))
-        self.health.record_success()
-        self.metrics.observe_send(time.monotonic() - started, result, len(data))
+        if not result.local:
+            self.health.record_success(connection.smtputf8)
+            self.metrics.observe_send(time.monotonic() - started, result, len(data))
         outcome = decide_outcome(message, result, time.time(), self.config)
         return self._record(message, outcome)
 
@@ -277,10 +348,23 @@ class Delivery:
                       error, int(pause))
         self.health.record_auth_failure(error, pause)
         self.metrics.upstream_errors.labels(kind="auth").inc()
-        # Not the message's fault: its attempt count and age limit are left alone.
+        # Not the message's fault: its attempt count and age limit are left alone, and the
+        # mark lets a restart or a reload with new credentials make it due at once.
         outcome = Outcome(message.recipients, "deferred", time.time() + pause, message.attempts,
-                          f"upstream authentication failed: {error}")
+                          f"upstream authentication failed: {error}", auth_deferred=True)
         return self._record(message, outcome, log_it=False)
+
+    def _on_unknown_outcome(self, message: QueuedMessage, error: str) -> asyncio.Future[bool]:
+        """The upstream may have the message: retry, but no sooner than retry_max.
+
+        A quick retry would duplicate every message of an upstream that is merely slow; no
+        retry would lose those it really dropped.
+        """
+        self.metrics.unknown_outcomes.inc()
+        result = SendResult(reply=f"451 4.4.2 outcome unknown after the final dot: {error}")
+        outcome = decide_outcome(message, result, time.time(), self.config,
+                                 min_delay=self.config.queue.retry_max)
+        return self._record(message, outcome)
 
     def _on_unavailable(self, message: QueuedMessage, error: str) -> asyncio.Future[bool]:
         delay = self.health.record_failure(error)
@@ -294,6 +378,9 @@ class Delivery:
     def _record(self, message: QueuedMessage, outcome: Outcome, *, log_it: bool = True
                 ) -> asyncio.Future[bool]:
         recorded = self.spool.record_soon(message.id, outcome)
+        # Registered before the worker's _release callback, so it runs first.
+        recorded.add_done_callback(functools.partial(self._keep_if_unrecorded, message.id,
+                                                     outcome))
         self.metrics.outcomes.labels(state=outcome.state).inc()
         if log_it:
             self._log_outcome(message, outcome)
@@ -301,23 +388,11 @@ class Delivery:
 
     @staticmethod
     def _log_outcome(message: QueuedMessage, outcome: Outcome) -> None:
-        level = {"delivered": logging.INFO, "deferred": logging.WARNING}.get(outcome.state,
-                                                                           logging.ERROR)
-        if not log.isEnabledFor(level):
-            return
-        delivered = sum(1 for r in outcome.recipients if r.state == "delivered")
-        extra = {"queue_id": message.id, "state": outcome.state, "attempts": outcome.attempts,
-                 "upstream_id": outcome.upstream_id, "reply": outcome.last_reply,
-                 "recipients": len(outcome.recipients)}
-        if outcome.state == "delivered":
-            log.info("%s delivered to %d recipient(s): %s", message.id, delivered,
-                     outcome.last_reply, extra=extra)
-        elif outcome.state == "deferred":
-            log.warning("%s deferred (attempt %d, next in %.0fs): %s", message.id,
-                        outcome.attempts, outcome.next_attempt - time.time(), outcome.last_reply,
-                        extra=extra)
-        else:
-            log.error("%s failed: %s", message.id, outcome.last_reply, extra=extra)
+        """One line per recipient of this attempt, each with its own reply."""
+        attempted = set(message.pending)
+        for recipient in outcome.recipients:
+            if recipient.address in attempted:
+                _log_recipient(message.id, recipient, outcome)
 
     # -- poller and housekeeping
 
@@ -351,16 +426,30 @@ class Delivery:
                         time.time() - self.config.queue.keep_delivered)
                     if pruned:
                         log.debug("pruned %d delivered record(s)", pruned)
-            if now - last_probe >= _PROBE_INTERVAL and self._busy == 0 and self._ready.empty():
+            if self._unrecorded:
+                await self._record_unrecorded()
+            if self._mail_waits_for_upstream():
+                if now - last_probe >= _WAITING_PROBE_INTERVAL:
+                    last_probe = now
+                    await self._probe(waiting=True)
+            elif now - last_probe >= _PROBE_INTERVAL and self._busy == 0 and self._ready.empty():
                 last_probe = now
                 await self._probe()
             await asyncio.sleep(1.0)
 
-    async def _probe(self) -> None:
-        """Check the upstream when idle, so readiness and bad credentials show before mail does."""
-        if time.monotonic() < self.health.down_until:
+    def _mail_waits_for_upstream(self) -> bool:
+        """Workers are paused after connect failures while messages are ready to go."""
+        health = self.health
+        return health.paused and health.failures > 0 and not health.auth_failed \
+            and not self._ready.empty()
+
+    async def _probe(self, *, waiting: bool = False) -> None:
+        """Check the upstream when idle (readiness, bad credentials show before mail does), or
+        during a pause while mail waits (``waiting``): success lets the workers go at once."""
+        if not waiting and self.health.paused:
             return
-        if self.health.last_success and time.time() - self.health.last_success < _PROBE_INTERVAL:
+        if not waiting and self.health.last_success and \
+                time.time() - self.health.last_success < _PROBE_INTERVAL:
             return
         connection = self.connection_factory()
         try:
@@ -374,6 +463,28 @@ class Delivery:
                 log.warning("upstream unavailable: %s", exc)
             self.health.record_failure(str(exc))
         else:
-            self.health.record_success()
+            if self.health.paused:
+                log.info("upstream is reachable again; resuming delivery")
+            self.health.record_success(connection.smtputf8)
+            self._resume.set()
         finally:
             await connection.close()
+
+
+def _log_recipient(queue_id: str, recipient: Recipient, outcome: Outcome) -> None:
+    level = _LOG_LEVELS[recipient.state]
+    if not log.isEnabledFor(level):
+        return
+    extra = {"queue_id": queue_id, "recipient": recipient.address, "state": outcome.state,
+             "recipient_state": recipient.state, "attempts": outcome.attempts,
+             "upstream_id": outcome.upstream_id, "reply": recipient.reply}
+    if recipient.state == "delivered":
+        log.info("%s delivered to <%s>: %s", queue_id, recipient.address, recipient.reply,
+                 extra=extra)
+    elif recipient.state == "pending":
+        log.warning("%s deferred for <%s> (attempt %d, next in %.0fs): %s", queue_id,
+                    recipient.address, outcome.attempts, outcome.next_attempt - time.time(),
+                    recipient.reply, extra=extra)
+    else:
+        log.error("%s failed for <%s>: %s", queue_id, recipient.address, recipient.reply,
+                  extra=extra)

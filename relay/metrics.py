@@ -50,6 +50,10 @@ class Metrics:
                                         ["code"], registry=r)
         self.upstream_errors = Counter("relay_upstream_errors",
                                        "Connection-level upstream failures", ["kind"], registry=r)
+        self.unknown_outcomes = Counter(
+            "relay_upstream_unknown_outcomes",
+            "Messages deferred because no reply to the final dot came back (the upstream may "
+            "have them: retried after queue.retry_max)", registry=r)
         self.upstream_connections_open = Gauge("relay_upstream_connections_open",
                                                "Authenticated upstream connections open",
                                                registry=r)

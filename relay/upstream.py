@@ -6,15 +6,15 @@ delivery module decides on outcomes without knowing SMTP or aiosmtplib.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiosmtplib
 
+from relay.address import AddressError, check_mailbox
 from relay.config import UpstreamConfig
 from relay.errors import RelayError
 
@@ -40,6 +40,26 @@ class UpstreamAuthError(UpstreamError):
     """The upstream refused our credentials: a configuration problem, not the messages' fault."""
 
 
+class UpstreamOutcomeUnknown(UpstreamError):
+    """No reply to the final dot (timeout, disconnect): the upstream may have the message."""
+
+
+class InvalidAddress(ValueError):
+    """An address that cannot go on an SMTP command line exactly as it was spooled."""
+
+
+class _OutOfStep(Exception):
+    """A 503 before the final dot: the session's transaction state is not what we think it is."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+class _NoFinalReply(Exception):
+    """The message and its final dot were written but no reply came back."""
+
+
 @dataclass(frozen=True, slots=True)
 class SendResult:
     """Per-recipient result of one transaction. Replies are ``"250 2.6.0 Message queued as X"``."""
@@ -49,6 +69,9 @@ class SendResult:
     permanent: dict[str, str] = field(default_factory=dict)
     reply: str = ""
     upstream_id: str | None = None
+    # Decided here without a word to the upstream (every address refused before MAIL): says
+    # nothing about the upstream's health.
+    local: bool = False
 
 
 def _reply(code: int, message: str) -> str:
@@ -60,6 +83,39 @@ def parse_upstream_id(message: str) -> str | None:
     return match.group(1) if match else None
 
 
+def encode_address(address: str, *, utf8: bool) -> bytes:
+    """The bytes that go between ``<`` and ``>`` on MAIL/RCPT: the address itself, or nothing.
+
+    It is never re-parsed (a parser that keeps the ``<...>`` inside a quoted local part would
+    send another address than the one that was checked), only checked again with the very rule
+    the listener applied at MAIL/RCPT (relay.address), for spools written by older versions.
+    Raises InvalidAddress.
+    """
+    if address:
+        try:
+            check_mailbox(address)
+        except AddressError as exc:
+            raise InvalidAddress(exc.reason) from None
+    try:
+        return address.encode("utf-8" if utf8 else "ascii")
+    except UnicodeEncodeError:
+        raise InvalidAddress("non-ASCII without SMTPUTF8" if not utf8
+                             else "not encodable as UTF-8") from None
+
+
+def _encode_recipients(recipients: tuple[str, ...], utf8: bool
+                       ) -> tuple[dict[str, bytes], dict[str, str]]:
+    """(address -> wire bytes) for the valid recipients, (address -> 553 reply) for the rest."""
+    valid: dict[str, bytes] = {}
+    invalid: dict[str, str] = {}
+    for address in recipients:
+        try:
+            valid[address] = encode_address(address, utf8=utf8)
+        except InvalidAddress as exc:
+            invalid[address] = f"553 5.1.3 invalid address: {exc}"
+    return valid, invalid
+
+
 class UpstreamConnection:
     """A lazily connected upstream session, reused for many messages."""
 
@@ -69,6 +125,7 @@ class UpstreamConnection:
         self.local_hostname = local_hostname
         self.ssl_context = ssl_context
         self._smtp: aiosmtplib.SMTP | None = None
+        self._smtputf8: bool | None = None
         self._last_used = 0.0
         self.transactions = 0
 
@@ -76,33 +133,89 @@ class UpstreamConnection:
     def connected(self) -> bool:
         return self._smtp is not None and self._smtp.is_connected
 
+    @property
+    def smtputf8(self) -> bool | None:
+        """Whether the server advertised SMTPUTF8 at the last EHLO (None before any)."""
+        return self._smtputf8
+
     async def send(self, mail_from: str, recipients: tuple[str, ...], data: bytes,
                    mail_options: tuple[str, ...] = ()) -> SendResult:
-        """Forward one message; UpstreamUnavailable / UpstreamAuthError are about the connection."""
-        smtp = await self._ready_connection()
-        timeout = max(self.config.timeout, len(data) / _UPLOAD_RATE)
+        """Forward one message; UpstreamUnavailable / UpstreamAuthError are about the connection.
+
+        UpstreamOutcomeUnknown: the final dot went out and no reply came back.
+        """
+        utf8 = "SMTPUTF8" in mail_options
         try:
-            refused, message = await _transaction(smtp, mail_from, recipients, data,
-                                                  mail_options=mail_options,
-                                                  command_timeout=timeout)
+            sender = encode_address(mail_from, utf8=utf8)
+        except InvalidAddress as exc:
+            result = _whole_message(recipients, 553, f"5.1.7 invalid sender address: {exc}")
+            return replace(result, local=True)
+        # Checked before MAIL goes out: a refusal half-way through would leave the session
+        # inside a transaction.
+        valid, invalid = _encode_recipients(recipients, utf8)
+        result = await self._send_checked(sender, valid, data, mail_options) if valid \
+            else SendResult(local=True)
+        result.permanent.update(invalid)
+        return result
+
+    async def _send_checked(self, sender: bytes, recipients: dict[str, bytes], data: bytes,
+                            mail_options: tuple[str, ...]) -> SendResult:
+        """One transaction; after a 503 once more on a new session, never a permanent failure."""
+        try:
+            return await self._send_once(sender, recipients, data, mail_options)
+        except _OutOfStep as exc:
+            log.warning("upstream answered %s: dropping the connection and trying once more on a "
+                        "new one", exc.reply)
+        try:
+            return await self._send_once(sender, recipients, data, mail_options)
+        except _OutOfStep as exc:
+            # Not the message's fault as far as we can tell: retried later like any 4xx.
+            return _whole_message(tuple(recipients), 451,
+                                  f"4.5.0 upstream answered {exc.reply} on a new connection")
+
+    async def _send_once(self, sender: bytes, recipients: dict[str, bytes], data: bytes,
+                         mail_options: tuple[str, ...]) -> SendResult:
+        smtp = await self._ready_connection()
+        names = tuple(recipients)
+        timeouts = _Timeouts(command=max(self.config.timeout, len(data) / _UPLOAD_RATE),
+                             final=self.config.data_timeout + len(data) / _UPLOAD_RATE)
+        try:
+            refused, message = await _transaction(smtp, sender, recipients, data,
+                                                  mail_options=mail_options, timeouts=timeouts)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             return _all_refused(exc)
         except aiosmtplib.SMTPResponseException as exc:
-            if exc.code == 421:
-                await self.close()
-            return _whole_message(recipients, exc.code, exc.message)
-        except aiosmtplib.SMTPNotSupported as exc:
-            return _whole_message(recipients, 554, f"5.6.7 upstream: {exc}")
-        except ValueError as exc:
-            # aiosmtplib refuses addresses with control characters before sending anything.
-            return _whole_message(recipients, 553, f"5.1.3 invalid address: {exc}")
+            return await self._refused(names, exc)
+        except _NoFinalReply as exc:
+            self._drop()
+            raise UpstreamOutcomeUnknown(f"no reply to the final dot: {exc}") from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            await self.close()
+            self._drop()
             raise UpstreamUnavailable(f"connection lost during the transaction: {exc}") from exc
+        except BaseException:
+            # A bug or a cancellation mid-transaction: the session state is unknown, so the
+            # session must never carry another message.
+            self._drop()
+            raise
         finally:
             self._last_used = time.monotonic()
         self.transactions += 1
-        return _partial(recipients, refused, message)
+        return _partial(names, refused, message)
+
+    async def _refused(self, recipients: tuple[str, ...],
+                       exc: aiosmtplib.SMTPResponseException) -> SendResult:
+        if exc.code == 503:
+            self._drop()
+            raise _OutOfStep(_reply(exc.code, exc.message)) from exc
+        if exc.code == 421:
+            await self.close()
+        return _whole_message(recipients, exc.code, exc.message)
+
+    def _drop(self) -> None:
+        """Close without QUIT: the session may be mid-transaction or out of step."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
 
     async def probe(self) -> None:
         """Connect and authenticate (readiness, start-up check); raises like `send`."""
@@ -150,6 +263,7 @@ class UpstreamConnection:
                 # default can make us talk in clear.
                 raise UpstreamUnavailable(f"{where}: TLS is not active; refusing to send")
             await smtp.ehlo()
+            self._smtputf8 = smtp.supports_extension("smtputf8")
             await self._authenticate(smtp)
         except UpstreamError:
             smtp.close()
@@ -194,43 +308,68 @@ class UpstreamConnection:
         raise UpstreamAuthError(f"upstream offers no AUTH PLAIN or LOGIN (offers: {offers})")
 
 
-async def _transaction(smtp: aiosmtplib.SMTP, mail_from: str, recipients: tuple[str, ...],
-                       data: bytes, *, mail_options: tuple[str, ...], command_timeout: float
+@dataclass(frozen=True, slots=True)
+class _Timeouts:
+    command: float  # each command, and the DATA upload
+    final: float  # the reply to the final dot (RFC 5321 4.5.3.2 gives it 10 minutes)
+
+
+async def _transaction(smtp: aiosmtplib.SMTP, sender: bytes, recipients: dict[str, bytes],
+                       data: bytes, *, mail_options: tuple[str, ...], timeouts: _Timeouts
                        ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
-    """MAIL, RCPT..., DATA like aiosmtplib's sendmail, minus its per-message regex passes.
+    """MAIL, RCPT..., DATA, with the addresses exactly as spooled (aiosmtplib would re-parse them).
 
     The spool holds CRLF-normalised bytes already; sendmail would normalise them twice more
     and dot-stuff with a regex, which dominated the cost of large messages.
     """
-    timeout = command_timeout
-    options = list(mail_options)
+    options = [option.encode("ascii") for option in mail_options]
     if smtp.supports_extension("size"):
-        options.insert(0, f"SIZE={len(data)}")
-    encoding = "utf-8" if "SMTPUTF8" in mail_options else "ascii"
+        options.insert(0, b"SIZE=%d" % len(data))
     try:
-        await smtp.mail(mail_from, options=options, encoding=encoding, timeout=timeout)
+        await _command(smtp, [b"MAIL", b"FROM:<" + sender + b">", *options], timeouts,
+                       ok=(250,))
         refused: dict[str, aiosmtplib.SMTPResponse] = {}
         errors: list[aiosmtplib.SMTPRecipientRefused] = []
-        for recipient in recipients:
+        for name, address in recipients.items():
             try:
-                await smtp.rcpt(recipient, encoding=encoding, timeout=timeout)
+                await _command(smtp, [b"RCPT", b"TO:<" + address + b">"], timeouts,
+                               ok=(250, 251), recipient=name)
             except aiosmtplib.SMTPRecipientRefused as exc:
-                refused[recipient] = aiosmtplib.SMTPResponse(exc.code, exc.message)
+                refused[name] = aiosmtplib.SMTPResponse(exc.code, exc.message)
                 errors.append(exc)
         if len(errors) == len(recipients):
             raise aiosmtplib.SMTPRecipientsRefused(errors)
-        response = await _data(smtp, data, command_timeout=timeout)
+        response = await _data(smtp, data, timeouts)
     except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-            await smtp.rset(timeout=timeout)
+        await _reset_or_drop(smtp, timeouts)
         raise
     return refused, response.message
 
 
-async def _data(smtp: aiosmtplib.SMTP, data: bytes, *, command_timeout: float
+async def _command(smtp: aiosmtplib.SMTP, words: list[bytes], timeouts: _Timeouts, *,
+                   ok: tuple[int, ...], recipient: str | None = None) -> None:
+    response = await smtp.execute_command(*words, timeout=timeouts.command)
+    if response.code in ok:
+        return
+    if recipient is None or response.code == 503:
+        # A 503 is out of step whichever command it answers: never one recipient's verdict.
+        raise aiosmtplib.SMTPResponseException(response.code, response.message)
+    raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
+
+
+async def _reset_or_drop(smtp: aiosmtplib.SMTP, timeouts: _Timeouts) -> None:
+    """End a refused transaction; a session that does not confirm the RSET is not reused."""
+    try:
+        response = await smtp.execute_command(b"RSET", timeout=timeouts.command)
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        response = None
+    if response is None or response.code != 250:
+        smtp.close()
+
+
+async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeouts: _Timeouts
                 ) -> aiosmtplib.SMTPResponse:
-    timeout = command_timeout
-    start = await smtp.execute_command(b"DATA", timeout=timeout)
+    start = await smtp.execute_command(b"DATA", timeout=timeouts.command)
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
     if not data.endswith(b"\r\n"):
@@ -243,7 +382,12 @@ async def _data(smtp: aiosmtplib.SMTP, data: bytes, *, command_timeout: float
     # Nothing is awaited between the write and read_response(), so the reply cannot arrive
     # before aiosmtplib's protocol expects one.
     protocol.write(data.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-    response = await protocol.read_response(timeout=timeout)
+    try:
+        response = await protocol.read_response(timeout=timeouts.final)
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        # From here on the upstream may have accepted the message: the caller must not treat
+        # this as a plain connection failure (retrying at once duplicates mail).
+        raise _NoFinalReply(str(exc) or type(exc).__name__) from exc
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response

@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_API_KEY",
     "INFOBIP_HOSTNAME",
     "INFOBIP_SIZE_LIMIT",
+    "DelayStage",
     "DropStage",
     "FailStage",
     "FakeUpstream",
@@ -59,6 +60,7 @@ __all__ = [
 TlsMode = Literal["starttls", "implicit", "none"]
 FailStage = Literal["connect", "auth", "mail", "rcpt", "data"]
 DropStage = Literal["connect", "mail", "rcpt", "data"]
+DelayStage = Literal["mail", "rcpt", "data"]
 
 INFOBIP_HOSTNAME: Final = "smtp.email-messaging.com"
 INFOBIP_SIZE_LIMIT: Final = 20_971_520
@@ -68,6 +70,7 @@ DEFAULT_API_KEY: Final = "test-api-key"
 _TLS_MODES: Final = frozenset(get_args(TlsMode))
 _FAIL_STAGES: Final = frozenset(get_args(FailStage))
 _DROP_STAGES: Final = frozenset(get_args(DropStage))
+_DELAY_STAGES: Final = frozenset(get_args(DelayStage))
 
 
 def _quiet_mail_log() -> None:
@@ -284,6 +287,7 @@ class _Handler:
     ) -> str:
         if self.fake._take_drop("mail"):
             await server.drop()
+        await self.fake._delay("mail")
         reply = self.fake._take_failure("mail")
         if reply is not None:
             return await server.reply_and_close_if_421(reply)
@@ -297,6 +301,7 @@ class _Handler:
     ) -> str:
         if self.fake._take_drop("rcpt"):
             await server.drop()
+        await self.fake._delay("rcpt")
         reply = self.fake._take_failure("rcpt") or self.fake._rejection(address)
         if reply is not None:
             return await server.reply_and_close_if_421(reply)
@@ -313,6 +318,8 @@ class _Handler:
         if reply is not None:
             return await server.reply_and_close_if_421(reply)
         received = fake._record(server, envelope, dropped=False)
+        # Recorded first: a slow server keeps the message even if the client stops waiting.
+        await fake._delay("data")
         return f"250 2.6.0 Message queued as {received.message_id}"
 
     async def handle_RSET(self, server: _FakeSMTP, session: Session, envelope: Envelope) -> str:
@@ -392,6 +399,7 @@ class FakeUpstream:
         self._message_ids = itertools.count(1)
         self._failures: dict[str, deque[str]] = {s: deque() for s in _FAIL_STAGES}
         self._drops: dict[str, int] = dict.fromkeys(_DROP_STAGES, 0)
+        self._delays: dict[str, deque[float]] = {s: deque() for s in _DELAY_STAGES}
         self._rejections: dict[str, str] = {}
 
         # Owned by the start()/stop() caller; _active only touched on the loop thread.
@@ -620,17 +628,30 @@ class FakeUpstream:
         with self._lock:
             self._drops[stage] += times
 
+    def delay_next(self, stage: DelayStage, seconds: float, times: int = 1) -> None:
+        """Hold the reply to the next ``times`` ``stage`` commands for ``seconds``.
+
+        ``data`` delays the reply to the final dot; the message is recorded in ``messages``
+        before the wait, as a slow real server has it whether or not the client waits.
+        """
+        if stage not in _DELAY_STAGES:
+            raise ValueError(f"stage must be one of {sorted(_DELAY_STAGES)}, not {stage!r}")
+        with self._lock:
+            self._delays[stage].extend([seconds] * times)
+
     def reject_recipient(self, addr: str, code: int, text: str | None = None) -> None:
         """Answer RCPT for ``addr`` (case-insensitive) with ``"<code> <text>"`` until cleared."""
         with self._lock:
             self._rejections[addr.lower()] = _reply(code, text)
 
     def clear_faults(self) -> None:
-        """Forget all pending failures, drops and recipient rejections."""
+        """Forget all pending failures, drops, delays and recipient rejections."""
         with self._lock:
             for queue in self._failures.values():
                 queue.clear()
             self._drops = dict.fromkeys(_DROP_STAGES, 0)
+            for delays in self._delays.values():
+                delays.clear()
             self._rejections.clear()
 
     # -- called on the loop thread --------------------------------------------------------------
@@ -645,6 +666,13 @@ class FakeUpstream:
                 self._drops[stage] -= 1
                 return True
             return False
+
+    async def _delay(self, stage: str) -> None:
+        with self._lock:
+            queue = self._delays[stage]
+            seconds = queue.popleft() if queue else 0.0
+        if seconds:
+            await asyncio.sleep(seconds)
 
     def _rejection(self, address: str) -> str | None:
         with self._lock:

@@ -332,6 +332,27 @@ def test_drop_next(fake_upstream: FakeUpstream, stage: str) -> None:
     assert fake_upstream.errors == []
 
 
+def test_delay_next_data_holds_the_final_reply_but_keeps_the_message(
+        fake_upstream: FakeUpstream) -> None:
+    fake_upstream.delay_next("data", 1.0)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        fake_upstream.delay_next("connect", 1.0)  # type: ignore[arg-type]
+
+    async def give_up_early() -> None:
+        smtp = await connect_and_login(fake_upstream)
+        with pytest.raises(aiosmtplib.SMTPTimeoutError):
+            await smtp.sendmail("a@example.com", ["b@example.net"], MSG, timeout=0.3)
+        smtp.close()
+
+    asyncio.run(give_up_early())
+    [kept] = fake_upstream.wait_for(1)  # a slow server has it even though the client left
+    assert kept.data == MSG
+    started = time.monotonic()
+    send_once(fake_upstream)  # only the next final reply was delayed
+    assert time.monotonic() - started < 1.0
+    assert len(fake_upstream.wait_for(2)) == 2
+
+
 def test_size_limit_on_data(fake_upstream_factory: FakeUpstreamFactory) -> None:
     fake = fake_upstream_factory(size_limit=1024)
 

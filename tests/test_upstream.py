@@ -1,0 +1,213 @@
+"""The sending side against the fake Infobip: pooled sessions, exact addresses, slow final replies.
+
+Real sockets and TLS throughout; the fake answers a nested MAIL with 503 as Exim and Postfix do.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from fakeupstream import FakeUpstream
+from relayrunner import ThreadRelay, spool_messages, wait_until
+
+from relay.config import load_config, redacted
+from relay.envelope import Envelope, MessageContext
+from relay.spool import PRIORITIES, QueuedMessage, SpoolDB
+from relay.upstream import InvalidAddress, encode_address
+
+StartRelay = Callable[..., ThreadRelay]
+MESSAGE = b"From: app@example.com\r\nSubject: test\r\n\r\nbody\r\n"
+
+
+def spool_before_start(spool_dir: Path, messages: list[tuple[str, str, tuple[str, ...]]]) -> None:
+    """Put (queue_id, sender, recipients) into the spool, in this order, as if accepted earlier.
+
+    The listener refuses such addresses now; older spools (and any listener bug) can hold them,
+    and the sending side must cope on its own.
+    """
+    db = SpoolDB(spool_dir)
+    try:
+        for offset, (queue_id, sender, recipients) in enumerate(messages):
+            ctx = MessageContext(queue_id, sender, recipients, "127.0.0.1", None, "local",
+                                 len(MESSAGE))
+            created = time.time() - 60 + offset  # oldest first in the poller's order
+            db.transaction(lambda ctx=ctx, created=created: db.insert(
+                Envelope(ctx, MESSAGE), PRIORITIES["STANDARD"], created))
+    finally:
+        db.close()
+
+
+def record_of(relay: ThreadRelay, queue_id: str) -> QueuedMessage | None:
+    return next((m for m in spool_messages(relay) if m.id == queue_id), None)
+
+
+def final(relay: ThreadRelay, queue_id: str, timeout: float = 10.0) -> QueuedMessage:
+    def done() -> QueuedMessage | None:
+        record = record_of(relay, queue_id)
+        return record if record is not None and record.state in ("delivered", "failed") \
+            else None
+
+    found: QueuedMessage = wait_until(done, timeout, what=f"{queue_id} delivered or failed")
+    return found
+
+
+def send(relay: ThreadRelay, rcpts: tuple[str, ...] = ("user@example.net",)) -> str:
+    with smtplib.SMTP(*relay.address, timeout=10) as client:
+        client.ehlo("client.example.com")
+        client.mail("app@example.com")
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt)[0] == 250
+        code, reply = client.data(MESSAGE)
+    assert code == 250, reply
+    return reply.split()[-1].decode()
+
+
+# -- item 4: a pooled connection is never left inside a transaction ---------------------------
+
+@pytest.mark.parametrize("bad", ["bad address@example.net", "nul\x00@example.net",
+                                 "jörg@example.net"])
+def test_a_refused_address_does_not_poison_the_pooled_connection(
+        fake_upstream: FakeUpstream, start_relay: StartRelay, tmp_path: Path, bad: str) -> None:
+    spool_before_start(tmp_path / "spool", [
+        ("FIRST", "app@example.com", ("ok@example.net", bad)),
+        ("SECOND", "app@example.com", ("next@example.net",)),
+    ])
+    relay = start_relay(fake_upstream, upstream={"connections": 1})
+
+    second = final(relay, "SECOND")
+    assert second.state == "delivered", second.last_reply
+    first = final(relay, "FIRST")
+    states = {r.address: (r.state, r.reply or "") for r in first.recipients}
+    assert states["ok@example.net"][0] == "delivered"
+    assert states[bad][0] == "failed" and states[bad][1].startswith("553 5.1.3 invalid address")
+    received = fake_upstream.wait_for(2)
+    assert [r.rcpt_tos for r in received] == [["ok@example.net"], ["next@example.net"]]
+    # Both went over the one pooled session: it was never left mid-transaction.
+    assert received[0].session_id == received[1].session_id
+
+
+def test_503_at_mail_retries_on_a_new_connection_instead_of_failing(
+        fake_upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    relay = start_relay(fake_upstream, upstream={"connections": 1})
+    fake_upstream.fail_next("mail", 503, "5.5.1 Error: nested MAIL command")
+    queue_id = send(relay)
+    record = final(relay, queue_id)
+    assert record.state == "delivered", record.last_reply
+    assert record.attempts == 1  # the retry on a fresh session is part of the same attempt
+    [received] = fake_upstream.wait_for(1)
+    assert received.rcpt_tos == ["user@example.net"]
+
+
+def test_503_twice_is_a_temporary_failure(fake_upstream: FakeUpstream,
+                                          start_relay: StartRelay) -> None:
+    relay = start_relay(fake_upstream, upstream={"connections": 1})
+    fake_upstream.fail_next("mail", 503, "5.5.1 Error: nested MAIL command", times=2)
+    queue_id = send(relay)
+    deferred = wait_until(lambda: (r := record_of(relay, queue_id)) and r.attempts >= 1 and r,
+                          what="first attempt recorded")
+    assert deferred.state in ("deferred", "delivered")  # never "failed"
+    assert final(relay, queue_id).state == "delivered"
+
+
+def test_addresses_go_upstream_exactly_as_checked_or_not_at_all(
+        fake_upstream: FakeUpstream, start_relay: StartRelay, tmp_path: Path) -> None:
+    spool_before_start(tmp_path / "spool", [
+        ("RCPT", "app@x.test", ('"a\r<other@evil.test>"@y.test', "ok@example.net")),
+        ("SENDER", '"a\r<ceo@bank.test>"@x.test', ("user@example.net",)),
+        ("QUOTED", "app@x.test", ('"john doe"@example.net',)),
+    ])
+    relay = start_relay(fake_upstream, upstream={"connections": 1})
+    for queue_id in ("RCPT", "SENDER", "QUOTED"):
+        final(relay, queue_id)
+    sender = record_of(relay, "SENDER")
+    assert sender is not None and sender.state == "failed"
+    assert (sender.last_reply or "").startswith("553 5.1.7 invalid sender address")
+    received = fake_upstream.wait_for(2)
+    time.sleep(0.3)
+    assert len(fake_upstream.messages) == 2
+    addresses = [a for r in fake_upstream.messages for a in [r.mail_from, *r.rcpt_tos]]
+    assert not any("evil" in a or "bank" in a for a in addresses)
+    assert received[0].rcpt_tos == ["ok@example.net"]
+    assert received[1].rcpt_tos == ['"john doe"@example.net']
+
+
+@pytest.mark.parametrize(("address", "utf8", "wire"), [
+    ("a@example.net", False, b"a@example.net"),
+    ("", False, b""),
+    ('"john doe"@example.net', False, b'"john doe"@example.net'),
+    ("jörg@example.net", True, "jörg@example.net".encode()),
+])
+def test_encode_address_keeps_the_bytes(address: str, utf8: bool, wire: bytes) -> None:
+    assert encode_address(address, utf8=utf8) == wire
+
+
+@pytest.mark.parametrize(("address", "utf8"), [
+    ("a\r\nRCPT TO:<x@y>", False), ("a\x00@b", False), ("x\x85y@b", True),
+    ("a\u2028@b", True), ("a b@c", False), ("a>b@c", False), ("jörg@b", False),
+    ("\ud800@b", True), ('"a\r<other@evil.test>"@y.test', False),
+])
+def test_encode_address_refuses_what_would_change_the_command(address: str,
+                                                               utf8: bool) -> None:
+    with pytest.raises(InvalidAddress):
+        encode_address(address, utf8=utf8)
+
+
+# -- item 8: a slow reply to the final dot -----------------------------------------------------
+
+def test_upstream_data_timeout_is_its_own_key(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text("upstream: {timeout: 30s}\n", encoding="utf-8")
+    default = load_config(path, {"INFOBIP_API_KEY": "k" * 12})
+    assert (default.upstream.timeout, default.upstream.data_timeout) == (30.0, 600.0)
+    path.write_text("upstream: {data_timeout: 15m}\n", encoding="utf-8")
+    assert load_config(path, {"INFOBIP_API_KEY": "k" * 12}).upstream.data_timeout == 900.0
+    assert "data_timeout: 15m" in yaml.safe_dump(redacted(load_config(
+        path, {"INFOBIP_API_KEY": "k" * 12})))
+
+
+def test_slow_final_reply_within_data_timeout_is_delivered_once(
+        fake_upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    relay = start_relay(fake_upstream, upstream={"timeout": "1s", "data_timeout": "6s"})
+    fake_upstream.delay_next("data", 2.0, times=3)
+    ids = [send(relay) for _ in range(3)]
+    for queue_id in ids:
+        assert final(relay, queue_id, timeout=20).state == "delivered"
+    time.sleep(1.5)
+    assert len(fake_upstream.messages) == 3
+
+
+def test_no_final_reply_within_data_timeout_is_an_unknown_outcome(
+        fake_upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    relay = start_relay(fake_upstream, upstream={"timeout": "1s", "data_timeout": "1s"},
+                        queue={"retry_initial": "0.3s", "retry_max": "60s"})
+    fake_upstream.delay_next("data", 3.0)
+    queue_id = send(relay)
+
+    def unknown() -> QueuedMessage | None:
+        record = record_of(relay, queue_id)
+        return record if record is not None and record.attempts >= 1 else None
+
+    record: QueuedMessage = wait_until(unknown, timeout=10, what="first attempt recorded")
+    assert record.state == "deferred"
+    assert "outcome unknown after the final dot" in (record.last_reply or "")
+    assert "outcome unknown after the final dot" in (record.recipients[0].reply or "")
+    # The slower retry: queue.retry_max, not retry_initial.
+    assert record.next_attempt - record.updated >= 59
+    assert _metric(relay, "relay_upstream_unknown_outcomes_total") == 1.0
+    time.sleep(3.5)  # past the fake's delay: no quick second copy
+    assert len(fake_upstream.messages) == 1
+    still = record_of(relay, queue_id)
+    assert still is not None and still.attempts == 1
+
+
+def _metric(relay: ThreadRelay, name: str) -> float:
+    text = relay.server.metrics.render().decode()
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match is not None, f"{name} not exported"
+    return float(match.group(1))
