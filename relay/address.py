@@ -93,20 +93,20 @@ def _closing_bracket(text: str) -> int:
 def check_mailbox(mailbox: str) -> None:
     """Raise AddressError unless ``mailbox`` is ``Local-part "@" (Domain / address-literal)``."""
     _refuse_controls(mailbox)
+    if not mailbox.isascii():
+        _check_utf8(mailbox)
     local, at, domain = mailbox.rpartition("@")
     if not at or not local:
         raise AddressError(553, "5.1.3", "expected local-part@domain")
     if not (_DOT_STRING.fullmatch(local) or _QUOTED_STRING.fullmatch(local)):
         raise AddressError(553, "5.1.3", "invalid local part")
-    if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL_PART:
+    if len(local.encode()) > MAX_LOCAL_PART:
         raise AddressError(553, "5.1.3", f"local part longer than {MAX_LOCAL_PART} octets")
     _check_domain(domain)
-    if not mailbox.isascii():
-        _check_utf8(mailbox)
 
 
 def _check_domain(domain: str) -> None:
-    if len(domain.encode("utf-8", "surrogateescape")) > MAX_DOMAIN:
+    if len(domain.encode()) > MAX_DOMAIN:
         raise AddressError(553, "5.1.2", f"domain longer than {MAX_DOMAIN} octets")
     if domain.startswith("[") and domain.endswith("]"):
         if not _is_address_literal(domain[1:-1]):

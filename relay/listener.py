@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from email.utils import format_datetime
 from typing import Any, Protocol, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from aiosmtpd.smtp import Session as SMTPSession
 
 from relay import __version__
+from relay.address import AddressError, parse_path
 from relay.config import Config, ListenerConfig
 from relay.envelope import Envelope, MessageContext
 from relay.errors import SpoolError
@@ -49,18 +50,23 @@ _DEFAULT_ENHANCED = {
 _PRIORITY_HEADER = re.compile(rb"(?im)^X-IB-Client-Priority:[ \t]*([A-Za-z]+)")
 _HAS_MESSAGE_ID = re.compile(rb"(?im)^Message-ID:")
 _HAS_DATE = re.compile(rb"(?im)^Date:")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+# Bare CR and bare LF both become CRLF: no line ending other than CRLF ever leaves the relay, so
+# no upstream can see a line structure (or an end of data) that the relay did not see.
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 # RFC 5321 caps a line at 998 octets + CRLF; like Postfix (smtp_line_length_limit) longer lines
 # are broken with CRLF + space, which is a valid fold in headers and keeps bodies deliverable.
 _MAX_LINE = 998
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
-# Harmless MAIL/RCPT parameters real clients send without them being advertised (Outlook and
-# vCenter send AUTH=<>): dropped rather than answered with 555.
-_SIMPLE_ADDRESS = re.compile(r"<([\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)*)>(.*)\Z",
-                             re.ASCII | re.DOTALL)
 _DATA_CHUNK = 256 * 1024
+# RFC 5321 4.5.3.1.4 allows 512 octets a command line; the rest is room for ESMTP parameters
+# and AUTH PLAIN's initial response. DATA does not go through this limit (see _read_data).
+COMMAND_LINE_LIMIT = 2048
 _NULL_SENDER = re.compile(r"\s*FROM:\s*<>", re.IGNORECASE)
-_IGNORED_PARAMS = frozenset({"AUTH", "RET", "ENVID", "NOTIFY", "ORCPT"})
+# Outlook and vCenter send AUTH=<> without it being advertised: harmless, dropped. DSN
+# parameters (RET, ENVID, NOTIFY, ORCPT) are refused with 555, since DSN is not advertised.
+_IGNORED_PARAMS = frozenset({"AUTH"})
+_BARE_CR_OR_NUL = re.compile(rb"\r(?!\n)|\x00")
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 _AUTH_FAILURE_WINDOW = 600.0
 
 
@@ -70,6 +76,9 @@ class MessageSink(Protocol):
     def reserve(self, message_id: str) -> None: ...
     def release(self, message_id: str) -> None: ...
     def submit(self, message: QueuedMessage, data: bytes) -> None: ...
+    @property
+    def upstream_smtputf8(self) -> bool | None:
+        """Whether the upstream advertised SMTPUTF8 (None until it was reached)."""
 
 
 @dataclass
@@ -85,6 +94,7 @@ class ListenerState:
     per_client: dict[str, int] = field(default_factory=dict)
     auth_failures: dict[str, tuple[int, float]] = field(default_factory=dict)
     tls_contexts: dict[str, ssl.SSLContext] = field(default_factory=dict)
+    storage_warned: float = -3600.0
 
 
 _ID_SALT = secrets.randbits(16)
@@ -104,20 +114,74 @@ def new_queue_id() -> str:
     return f"{time.time_ns() // 1000:013X}{_ID_SALT:04X}{next(_ID_COUNTER) & 0xFFFFF:05X}"
 
 
+class _CommandLineReader:
+    """The session's StreamReader, except that a command line over the limit ends the session.
+
+    aiosmtpd would read an over-long line to its end before answering 500; a client that never
+    ends it keeps the connection busy for as long as it likes. This answers at once and closes.
+    """
+
+    __slots__ = ("_inner", "_on_overrun")
+
+    def __init__(self, inner: asyncio.StreamReader, on_overrun: Callable[[], None]) -> None:
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_on_overrun", on_overrun)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        try:
+            line: bytes = await self._inner.readuntil(separator)
+        except asyncio.LimitOverrunError:
+            self._on_overrun()
+            raise ConnectionResetError("command line too long") from None
+        return line
+
+    async def readline(self) -> bytes:
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # aiosmtpd swaps the transport under the reader after STARTTLS.
+        setattr(self._inner, name, value)
+
+
 class RelaySMTP(SMTP):
-    """aiosmtpd's protocol with the relay's limits, enhanced status codes and lenient params."""
+    """aiosmtpd's protocol with the relay's limits, enhanced status codes and strict addresses."""
 
     def __init__(self, handler: RelayHandler, state: ListenerState, listener: ListenerConfig,
                  **kwargs: Any) -> None:
-        # Legacy apps send long lines and bare-LF bodies (one "line" to the next CRLF); the
-        # message size limit bounds memory instead of the RFC's 1000-octet line limit.
-        self.line_length_limit = max(state.config.access.max_message_size, 1001)
+        # Bounds every command line (and so the memory a client can take before AUTH); DATA is
+        # read in chunks by _read_data and is bounded by the message size instead.
+        self.line_length_limit = COMMAND_LINE_LIMIT
         super().__init__(handler, **kwargs)
         self.state = state
         self.listener = _current_listener(state.config, listener)
         self.client_ip = ""
         self._refused = False
         self._in_ehlo = False
+        # Set while MAIL FROM:<> is being rewritten to the configured null-sender address.
+        self.null_sender_rewritten = False
+        self.address_error: AddressError | None = None
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        bounded = cast(asyncio.StreamReader, _CommandLineReader(reader, self._line_too_long))
+        super()._cb_client_connected(bounded, writer)
+
+    def _line_too_long(self) -> None:
+        self.state.metrics.rejected.labels(listener=self.listener.name,
+                                           reason="line_too_long").inc()
+        log.warning("client %s sent a command line over %d octets; closing", self.client_ip,
+                    COMMAND_LINE_LIMIT)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            with contextlib.suppress(Exception):  # a TLS transport may be half torn down
+                _writable(transport).write(b"500 5.5.2 Line too long, closing connection\r\n")
+            transport.close()
 
     # -- connection bookkeeping and limits
 
@@ -190,6 +254,8 @@ class RelaySMTP(SMTP):
     # -- replies
 
     async def push(self, status: str | bytes) -> None:
+        if status == _MALFORMED_ADDRESS and self.address_error is not None:
+            status = self._address_reply(self.address_error)
         # Replies may echo a client's address, undecodable bytes included (surrogateescape).
         response = status.encode("utf-8", "surrogateescape") if isinstance(status, str) \
             else status
@@ -209,6 +275,7 @@ class RelaySMTP(SMTP):
             return response
         return code + b" " + enhanced + (b" " + text if text else b"")
 
+    @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
         try:
@@ -216,6 +283,7 @@ class RelaySMTP(SMTP):
         finally:
             self._in_ehlo = False
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """DATA read in bulk up to CRLF.CRLF instead of aiosmtpd's loop over every line.
 
@@ -276,32 +344,66 @@ class RelaySMTP(SMTP):
             data = data[1:]
         return data.replace(b"\r\n.", b"\r\n") if b"\r\n." in data else data
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        # aiosmtpd answers a null sender with a 501 syntax error, which misleads an operator.
+        # aiosmtpd answers a null sender with a 501 syntax error; Infobip needs a sender, so
+        # <> is either rewritten to the configured address or refused with a clear reason.
+        self.null_sender_rewritten = False
         if arg and self.session is not None and self.session.host_name and \
-                _NULL_SENDER.match(arg):
-            await self.push("550 5.7.1 Null sender <> not accepted: Infobip needs a sender "
-                            "address")
-            return
+                (null := _NULL_SENDER.match(arg)):
+            access = self.state.config.access
+            if access.null_sender != "rewrite" or not access.null_sender_address:
+                await self.push("550 5.7.1 Null sender <> not accepted: Infobip needs a sender "
+                                "address (set access.null_sender_address)")
+                return
+            self.null_sender_rewritten = True
+            arg = f"FROM:<{access.null_sender_address}>{arg[null.end():]}"
         await super().smtp_MAIL(arg)
 
+    @syntax("AUTH <mechanism>", when="auth_offered")
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+
+    @property
+    def auth_offered(self) -> bool:
+        """Whether this session may use AUTH (HELP lists it only then)."""
+        handler = cast(RelayHandler, self.event_handler)
+        return handler.auth_offered(self)
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # aiosmtpd parses every address with the email package (and defines a class per call):
-        # ~45 % of its time for small messages. Plain <local@domain> takes a regex instead.
-        if arg:
-            match = _SIMPLE_ADDRESS.match(arg.lstrip())
-            if match:
-                return match.group(1), match.group(2)
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
-        return result
+        """The exact mailbox text and the parameters, or (None, None) for a refused address.
+
+        aiosmtpd's own parser accepts a CR inside a quoted local part and normalises what it
+        parses; the relay must forward exactly the bytes its policies checked. Why an address
+        was refused reaches the client through push() (address_error).
+        """
+        self.address_error = None
+        if not arg:
+            return "", ""
+        try:
+            return parse_path(arg)
+        except AddressError as error:
+            self.address_error = error
+            # aiosmtpd answers (None, None) with "553 5.1.3 malformed address"; push() puts
+            # the precise reason in its place.
+            return None, None
+
+    def _address_reply(self, error: AddressError) -> str:
+        what = "Recipient" if self.envelope is not None and self.envelope.mail_from else "Sender"
+        return error.reply(what)
 
     def _getparams(self, params: Any) -> dict[str, str | bool] | None:
+        names = [str(param).partition("=")[0] for param in params]
+        if len(set(names)) != len(names):
+            return None  # a repeated parameter (BODY=7BIT BODY=8BITMIME) is a syntax error
         result: dict[str, str | bool] | None = super()._getparams(params)
         if result is not None:
             for name in _IGNORED_PARAMS:
                 result.pop(name, None)
         return result
 
+
+_MALFORMED_ADDRESS = "553 5.1.3 Error: malformed address"
 
 _REFUSALS = {
     "shutting_down": b"Service shutting down, try again later",
@@ -330,12 +432,12 @@ class RelayHandler:
         session.host_name = hostname
         *extensions, last = responses
         lines = [line for line in extensions if not line.startswith("250-AUTH")]
-        if self._auth_offered(server):
+        if self.auth_offered(server):
             lines.append("250-AUTH LOGIN PLAIN")
         lines += ["250-ENHANCEDSTATUSCODES", "250-PIPELINING", last]
         return lines
 
-    def _auth_offered(self, server: RelaySMTP) -> bool:
+    def auth_offered(self, server: RelaySMTP) -> bool:
         if self.listener.auth == "none":
             return False
         return server.is_tls or self.state.config.access.is_trusted(server.client_ip)
@@ -344,7 +446,9 @@ class RelayHandler:
                           envelope: SMTPEnvelope, args: list[str]) -> Any:
         if self.listener.auth == "none":
             return "502 5.5.1 AUTH not available on this listener"
-        if not self._auth_offered(server):
+        if server.in_transaction:
+            return "503 5.5.1 AUTH not permitted during a mail transaction"  # RFC 4954 4
+        if not self.auth_offered(server):
             return "538 5.7.11 Encryption required for requested authentication mechanism"
         if args and args[0].upper() not in ("PLAIN", "LOGIN"):
             return "504 5.5.4 Unrecognized authentication type"
@@ -358,7 +462,7 @@ class RelayHandler:
         else:
             try:
                 blob = base64.b64decode(args[1], validate=True)
-            except binascii.Error:
+            except (binascii.Error, ValueError):  # ValueError: non-ASCII text
                 return AuthResult(success=False, handled=False,
                                   message="501 5.5.2 Can't decode base64")
         parts = bytes(blob).split(b"\x00")
@@ -371,7 +475,7 @@ class RelayHandler:
         if len(args) == 2:
             try:
                 login = base64.b64decode(args[1], validate=True)
-            except binascii.Error:
+            except (binascii.Error, ValueError):  # ValueError: non-ASCII text
                 return AuthResult(success=False, handled=False,
                                   message="501 5.5.2 Can't decode base64")
         else:
@@ -417,19 +521,48 @@ class RelayHandler:
 
     async def handle_MAIL(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope,
                           address: str, mail_options: list[str]) -> str:
-        if not _is_utf8(address):
-            return "553 5.1.7 Sender address is not valid UTF-8"
+        refusal = self._international_refusal(address, envelope.smtp_utf8, "Sender")
+        if refusal:
+            return refusal
         if not self.state.accepting:
             asyncio.get_running_loop().call_soon(server.close_for_shutdown)
             return "421 4.3.2 Service shutting down, try again later"
         refusal = self._relay_refusal(server, session)
         if refusal:
             return refusal
-        if not self._sender_allowed(session, address):
+        if server.null_sender_rewritten:
+            # The client chose no address; the operator's own null_sender_address is sent.
+            log.info("client %s: null sender <> rewritten to <%s>", server.client_ip, address)
+        elif not self._sender_allowed(session, address):
             return f"553 5.7.1 Sender address <{address}> not allowed for this client"
+        refusal = self._storage_refusal(mail_options)
+        if refusal:
+            return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return f"250 2.1.0 Sender <{address}> OK"
+
+    def _storage_refusal(self, mail_options: list[str]) -> str | None:
+        """452 while the spool's disk is short of queue.min_free_space (+ the declared SIZE).
+
+        Refusing new mail early keeps room for recording what happens to mail already taken;
+        a full disk would otherwise leave delivered messages unrecorded (and due again).
+        """
+        declared = next((int(option[5:]) for option in mail_options
+                         if option[:5].upper() == "SIZE=" and option[5:].isdigit()), 0)
+        try:
+            free = self.state.spool.free_space()
+        except OSError:
+            return None  # cannot tell; a failing write still answers 452
+        if free >= self.state.config.queue.min_free_space + declared:
+            return None
+        now = time.monotonic()
+        if now - self.state.storage_warned > 60:
+            self.state.storage_warned = now
+            log.warning("spool has %d bytes free, below queue.min_free_space (%d): refusing new "
+                        "mail with 452 until space is freed", free,
+                        self.state.config.queue.min_free_space)
+        return "452 4.3.1 Insufficient system storage, try again later"
 
     def _relay_refusal(self, server: RelaySMTP, session: SMTPSession) -> str | None:
         if session.authenticated:
@@ -453,13 +586,29 @@ class RelayHandler:
 
     async def handle_RCPT(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
-        if not _is_utf8(address):
-            return "553 5.1.3 Recipient address is not valid UTF-8"
+        refusal = self._international_refusal(address, envelope.smtp_utf8, "Recipient")
+        if refusal:
+            return refusal
         if len(envelope.rcpt_tos) >= self.state.config.access.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return f"250 2.1.5 Recipient <{address}> OK"
+
+    def _international_refusal(self, address: str, smtp_utf8: bool, what: str) -> str | None:
+        """Refuse now a non-ASCII address that the upstream could not be given later."""
+        if address.isascii():
+            return None
+        if not smtp_utf8:
+            return f"553 5.6.7 {what} address is not ASCII: MAIL FROM needs the SMTPUTF8 parameter"
+        supported = self.state.sink.upstream_smtputf8
+        if supported is None:
+            return f"451 4.6.7 {what} address is not ASCII and the upstream's SMTPUTF8 support " \
+                   "is not known yet; try again later"
+        if not supported:
+            return f"553 5.6.7 {what} address is not ASCII and the upstream does not support " \
+                   "SMTPUTF8"
+        return None
 
     async def handle_DATA(self, server: RelaySMTP, session: SMTPSession,
                           envelope: SMTPEnvelope) -> str:
@@ -467,15 +616,18 @@ class RelayHandler:
         raw: bytes = envelope.original_content or b""
         metrics.received.labels(listener=self.listener.name).inc()
         metrics.bytes_in.inc(len(raw))
+        refusal = _header_refusal(raw)
+        if refusal:
+            return refusal
         queue_id = new_queue_id()
         ctx = self._context(server, session, envelope, queue_id, len(raw))
-        data = self._prepare(server, session, ctx, raw)
+        data = self._prepare(server, session, ctx, raw, envelope.smtp_utf8)
         outcome = apply_rules(self.state.config.rules, ctx, data,
                               client_headers=self.listener.client_headers)
         self._count_rules(outcome.matched, outcome.fixed, outcome.dropped, outcome.warnings,
                           queue_id)
         data = outcome.data
-        options = _forwarded_options(envelope, data)
+        options = _forwarded_options(envelope, data, self.state.sink.upstream_smtputf8)
         message = Envelope(ctx, data, options)
         priority = _priority(data)
         sink = self.state.sink
@@ -509,16 +661,16 @@ class RelayHandler:
                               auth_user=user, listener=self.listener.name, size=size)
 
     def _prepare(self, server: RelaySMTP, session: SMTPSession, ctx: MessageContext,
-                 raw: bytes) -> bytes:
+                 raw: bytes, smtp_utf8: bool) -> bytes:
         """CRLF line endings, a Received trace header, Message-ID and Date where missing."""
-        if raw.count(b"\n") != raw.count(b"\r\n"):
-            raw = _BARE_LF.sub(b"\r\n", raw)
+        if raw.count(b"\n") != raw.count(b"\r\n") or raw.count(b"\r") != raw.count(b"\r\n"):
+            raw = _BARE_LINE_END.sub(b"\r\n", raw)
         if len(raw) > _MAX_LINE and max(map(len, raw.split(b"\n"))) > _MAX_LINE + 1:
             raw = _break_long_lines(raw)
         end = raw.find(b"\r\n\r\n")
         header_block = raw if end < 0 else raw[:end + 2]
         config = self.state.config
-        added = [_received_header(server, session, ctx, config.hostname)]
+        added = [_received_header(server, session, ctx, config.hostname, smtp_utf8)]
         if not _HAS_MESSAGE_ID.search(header_block):
             added.append(f"Message-ID: <{ctx.queue_id}@{config.hostname}>\r\n".encode())
         if not _HAS_DATE.search(header_block):
@@ -548,13 +700,22 @@ class RelayHandler:
 _DUMMY_HASH = "scrypt$16384$8$1$" + "A" * 22 + "==$" + "A" * 43 + "="
 
 
-def _is_utf8(address: str) -> bool:
-    """False when aiosmtpd surrogate-escaped bytes that are not UTF-8 (unstorable, unsendable)."""
-    try:
-        address.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def _header_refusal(raw: bytes) -> str | None:
+    """Refuse a header block with a bare CR or a NUL.
+
+    A bare CR in the body becomes CRLF like a bare LF; in a header it would split or hide a
+    field, so the message is refused rather than reinterpreted.
+    """
+    end = _header_end(raw)
+    if _BARE_CR_OR_NUL.search(raw, 0, end):
+        return "550 5.6.0 Message header contains a bare CR or a NUL character"
+    return None
+
+
+def _header_end(raw: bytes) -> int:
+    """Where the header block ends, whatever mix of CRLF and bare LF the client used."""
+    match = _BLANK_LINE.search(raw)
+    return match.start() + 1 if match else len(raw)
 
 
 def _break_long_lines(raw: bytes) -> bytes:
@@ -568,25 +729,33 @@ def _break_long_lines(raw: bytes) -> bytes:
     return b"\r\n".join(lines)
 
 
+def with_protocol(*, extended: bool, utf8: bool, tls: bool, authenticated: bool) -> str:
+    """The Received header's "with" keyword: RFC 3848 (ESMTP[S][A]), RFC 6531 (UTF8SMTP[S][A])."""
+    if not extended:
+        return "SMTP"  # RFC 3848 registers no TLS or AUTH variant of plain SMTP
+    return ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if tls else "") + \
+        ("A" if authenticated else "")
+
+
 def _received_header(server: RelaySMTP, session: SMTPSession, ctx: MessageContext,
-                     hostname: str) -> bytes:
+                     hostname: str, smtp_utf8: bool) -> bytes:
     helo = _UNPRINTABLE.sub("", session.host_name or "unknown")[:200] or "unknown"
-    protocol = "ESMTP" if session.extended_smtp else "SMTP"
-    if server.is_tls:
-        protocol += "S"
-    if ctx.auth_user:
-        protocol += "A"
+    protocol = with_protocol(extended=session.extended_smtp, utf8=smtp_utf8, tls=server.is_tls,
+                             authenticated=ctx.auth_user is not None)
     stamp = format_datetime(ctx.received_at)
     return (f"Received: from {helo} ([{ctx.client_ip}])\r\n\tby {hostname} (infobip-relay "
             f"{__version__}) with {protocol} id {ctx.queue_id};\r\n\t{stamp}\r\n").encode()
 
 
-def _forwarded_options(envelope: SMTPEnvelope, data: bytes) -> tuple[str, ...]:
+def _forwarded_options(envelope: SMTPEnvelope, data: bytes, upstream_smtputf8: bool | None
+                       ) -> tuple[str, ...]:
     options = []
     if any(option.upper() == "BODY=8BITMIME" for option in envelope.mail_options) or \
             not data.isascii():
         options.append("BODY=8BITMIME")
-    if envelope.smtp_utf8:
+    # Never to an upstream that did not advertise it (Infobip does not): the addresses are
+    # ASCII then (non-ASCII ones were refused at MAIL/RCPT), and 8-bit text goes as 8BITMIME.
+    if envelope.smtp_utf8 and upstream_smtputf8:
         options.append("SMTPUTF8")
     return tuple(options)
 

@@ -269,6 +269,8 @@ def test_bare_lf_and_long_lines_are_made_rfc_clean(fake_upstream, start_relay):
 def test_utf8_and_8bit_survive(fake_upstream_factory, start_relay):
     upstream = fake_upstream_factory(smtputf8=True)
     relay = start_relay(upstream)
+    # Non-ASCII addresses are taken only once the upstream was seen to advertise SMTPUTF8.
+    wait_until(lambda: relay.server.delivery.health.smtputf8, what="upstream contact")
     data = "Subject: Grüße\r\n\r\nÜmlaut body ✓\r\n".encode()
     with smtplib.SMTP(*relay.address, timeout=10) as client:
         client.ehlo("client.example.com")
@@ -392,7 +394,7 @@ def test_deleting_a_large_message_removes_its_file(fake_upstream, start_relay):
     assert not path.exists()
 
 
-def test_orphan_body_files_are_removed_at_start(tmp_path):
+def test_orphan_body_files_are_quarantined_at_start(tmp_path):
     spool_dir = tmp_path / "spool"
     db = SpoolDB(spool_dir)
     ctx = MessageContext("KEEPME", "a@example.com", ("b@example.net",), "127.0.0.1", None,
@@ -410,4 +412,6 @@ def test_orphan_body_files_are_removed_at_start(tmp_path):
             await spool.close()
 
     assert asyncio.run(reopen()) == b"x" * 100_000
-    assert sorted(p.name for p in (spool_dir / "bodies").iterdir()) == ["KEEPME"]
+    assert sorted(p.name for p in (spool_dir / "bodies").iterdir()) == \
+        ["KEEPME", "KEEPME.env", "orphaned"]
+    assert (spool_dir / "bodies" / "orphaned" / "ORPHAN").read_bytes() == b"never acknowledged"
