@@ -21,10 +21,10 @@ _state = {"installed": False}
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def free_port() -> int:
-    """A currently unused TCP port on 127.0.0.1."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (bind port 0, read it back, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 

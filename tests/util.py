@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+# One free_port for the tests and the benchmark, so the two cannot drift apart.
+from bench.procs import free_port
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind port 0, read it back, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+__all__ = ["free_port"]
