@@ -24,9 +24,9 @@ from relay.bodyfiles import OrphanedBody, SavedEnvelope, is_message_id
 from relay.config import Config, iter_secret_values, load_config, permission_warnings, redacted
 from relay.envelope import MessageContext
 from relay.errors import RelayError, SpoolError
+from relay.infobip.regions import format_region_table
 from relay.logs import configure_logging
 from relay.passwords import hash_password
-from relay.regions import format_region_table
 from relay.rules import render_rules_report
 from relay.spool import QueuedMessage, SpoolDB, find_spools
 from relay.supervisor import run_server, run_workers

@@ -20,8 +20,8 @@ import yaml
 
 from relay.address import AddressError, check_mailbox
 from relay.errors import ConfigError
+from relay.infobip.regions import Region, find_region, region_names
 from relay.passwords import check_hash_format
-from relay.regions import Region, find_region, region_names
 from relay.rules import CLIENT_HEADER_POLICIES, Rule, compile_rules
 from relay.units import format_duration, format_size, parse_duration, parse_size
 

@@ -31,10 +31,11 @@ from relay.address import AddressError, parse_path
 from relay.config import Config, ListenerConfig
 from relay.envelope import Envelope, MessageContext
 from relay.errors import SpoolError
+from relay.infobip.priority import priority_value
 from relay.metrics import Metrics
 from relay.passwords import verify_password
 from relay.rules import apply_rules
-from relay.spool import PRIORITIES, QueuedMessage, Recipient, Spool
+from relay.spool import QueuedMessage, Recipient, Spool
 
 log = logging.getLogger("relay.listener")
 
@@ -763,9 +764,7 @@ def _forwarded_options(envelope: SMTPEnvelope, data: bytes, upstream_smtputf8: b
 def _priority(data: bytes) -> int:
     end = data.find(b"\r\n\r\n")
     match = _PRIORITY_HEADER.search(data, 0, end if end >= 0 else len(data))
-    if match is None:
-        return PRIORITIES["STANDARD"]
-    return PRIORITIES.get(match.group(1).decode("ascii").upper(), PRIORITIES["STANDARD"])
+    return priority_value(match.group(1).decode("ascii") if match else None)
 
 
 def _queued(ctx: MessageContext, options: tuple[str, ...], priority: int, size: int

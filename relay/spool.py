@@ -35,13 +35,12 @@ from relay.bodyfiles import (
 )
 from relay.envelope import Envelope
 from relay.errors import SpoolError
+from relay.infobip.priority import PRIORITY_NAMES
 
 log = logging.getLogger("relay.spool")
 
 State = Literal["queued", "deferred", "failed", "delivered"]
 RecipientState = Literal["pending", "delivered", "failed"]
-PRIORITIES = {"HIGH": 0, "STANDARD": 1, "LOW": 2}
-PRIORITY_NAMES = {value: key for key, value in PRIORITIES.items()}
 DB_NAME = "queue.sqlite3"
 BODIES_DIR = "bodies"
 # Bodies above this size go to a file of their own (written and fsynced before the row commits):

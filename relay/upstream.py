@@ -7,7 +7,6 @@ delivery module decides on outcomes without knowing SMTP or aiosmtplib.
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 import time
 from dataclasses import dataclass, field, replace
@@ -17,10 +16,10 @@ import aiosmtplib
 from relay.address import AddressError, check_mailbox
 from relay.config import UpstreamConfig
 from relay.errors import RelayError
+from relay.infobip.replies import parse_message_id
 
 log = logging.getLogger("relay.upstream")
 
-_QUEUED_AS = re.compile(r"queued as\s+<?([^\s>]+)>?", re.IGNORECASE)
 # Above this idle time a NOOP checks the connection before a transaction: providers drop idle
 # connections silently, and a failure at MAIL would cost the message an attempt.
 _NOOP_AFTER_IDLE = 10.0
@@ -76,11 +75,6 @@ class SendResult:
 
 def _reply(code: int, message: str) -> str:
     return f"{code} {' '.join(message.split())}"
-
-
-def parse_upstream_id(message: str) -> str | None:
-    match = _QUEUED_AS.search(message)
-    return match.group(1) if match else None
 
 
 def encode_address(address: str, *, utf8: bool) -> bytes:
@@ -430,7 +424,7 @@ def _partial(recipients: tuple[str, ...], refused: dict[str, aiosmtplib.SMTPResp
     result = SendResult(
         accepted=tuple(r for r in recipients if r not in refused),
         reply=reply,
-        upstream_id=parse_upstream_id(message),
+        upstream_id=parse_message_id(message),
     )
     for address, response in refused.items():
         _classify(address, response.code, response.message, result)

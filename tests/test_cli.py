@@ -16,8 +16,8 @@ import yaml
 
 import relay.cli
 from relay.cli import main
+from relay.infobip.regions import REGIONS
 from relay.passwords import hash_password, verify_password
-from relay.regions import REGIONS
 from relay.spool import SpoolDB
 
 API_KEY = "ib-cli-key-4e8a1f0c93"

@@ -17,8 +17,8 @@ import yaml
 import relay.config
 from relay.config import Config, Secret, iter_secret_values, load_config, redacted
 from relay.errors import ConfigError
+from relay.infobip.regions import REGIONS, find_region, region_names
 from relay.passwords import hash_password
-from relay.regions import REGIONS, find_region, region_names
 
 API_KEY = "ib-api-key-7f3c9e1d2b"  # distinctive, so a leak is easy to spot
 ENV = {"INFOBIP_API_KEY": API_KEY}

@@ -13,7 +13,8 @@ from fakeupstream import FakeUpstream
 from relayrunner import ThreadRelay, spool_messages, wait_until
 
 from relay.envelope import Envelope, MessageContext
-from relay.spool import PRIORITIES, QueuedMessage, SpoolDB
+from relay.infobip.priority import PRIORITIES
+from relay.spool import QueuedMessage, SpoolDB
 
 StartRelay = Callable[..., ThreadRelay]
 MESSAGE = b"From: app@example.com\r\nSubject: test\r\n\r\nbody\r\n"

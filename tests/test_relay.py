@@ -17,8 +17,9 @@ from relay.cli import main as cli_main
 from relay.config import load_config
 from relay.delivery import Delivery
 from relay.envelope import Envelope, MessageContext
+from relay.infobip.priority import PRIORITIES
 from relay.metrics import Metrics
-from relay.spool import PRIORITIES, Recipient, Spool, SpoolDB
+from relay.spool import Recipient, Spool, SpoolDB
 from relay.upstream import UpstreamConnection
 
 MESSAGE = (b"From: App <app@example.com>\r\nTo: user@example.net\r\nSubject: report\r\n"

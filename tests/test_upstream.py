@@ -18,7 +18,8 @@ from relayrunner import ThreadRelay, spool_messages, wait_until
 
 from relay.config import load_config, redacted
 from relay.envelope import Envelope, MessageContext
-from relay.spool import PRIORITIES, QueuedMessage, SpoolDB
+from relay.infobip.priority import PRIORITIES
+from relay.spool import QueuedMessage, SpoolDB
 from relay.upstream import InvalidAddress, encode_address
 
 StartRelay = Callable[..., ThreadRelay]
