@@ -1,33 +1,32 @@
-"""The server: wires spool, delivery, listeners and metrics; owns startup, signals and shutdown."""
+"""The server: wires spool, delivery, listeners and metrics; owns startup, signals and shutdown.
+
+Everything else lives with its part: the spool's lock and the takeover of old worker spools in
+`Spool.open`, pid files in relay.pidfile, TLS contexts in relay.tlsconfig, the upstream's
+readiness in `UpstreamHealth`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import signal
-import ssl
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import IO
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from relay import sdnotify
 from relay.config import Config, load_config, permission_warnings
 from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError
-from relay.listener import ListenerState, protocol_factory, server_tls_context
+from relay.listener import ListenerState, protocol_factory
 from relay.metrics import HealthServer, Metrics
-from relay.spool import Spool, absorb_spool, restrict_mode, worker_spool_dir, worker_spools
-from relay.upstream import UpstreamConnection
+from relay.pidfile import remove_pid, write_pid
+from relay.spool import Spool, worker_spool_dir
+from relay.tlsconfig import adopt_certificates, listener_contexts
+from relay.upstream import connection_factory
 
 log = logging.getLogger("relay.server")
-
-PID_FILE = "relay.pid"
-LOCK_FILE = "relay.lock"
-_READY_UPSTREAM_WINDOW = 300.0
 
 
 class StartupError(RelayError):
@@ -57,8 +56,8 @@ class Server:
         self.metrics_port: int | None = None
         self.on_ready: Callable[[], None] | None = None
         self._stop = asyncio.Event()
-        self._lock_file: IO[str] | None = None
-        self._watchdog: asyncio.Task[None] | None = None
+        # Background tasks (reloads, the watchdog): kept until done, cancelled at shutdown.
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.started = asyncio.Event()
 
     # -- public lifecycle
@@ -81,31 +80,31 @@ class Server:
         self._stop.set()
 
     def request_reload(self) -> None:
-        asyncio.get_running_loop().create_task(self.reload())
+        self._background(self.reload(), "reload")
 
     async def startup(self) -> None:
         config = self.config
         for warning in permission_warnings(config):
             log.warning("%s", warning)
-        self._lock_spool(self.spool_dir)
         try:
-            self.spool = Spool(self.spool_dir)
-            self._absorb_orphan_spools()
+            self.spool = Spool.open(config.queue.path, worker=self.worker, workers=self.workers)
         except SpoolError as exc:
             raise StartupError(str(exc)) from exc
         self.spool.start()
         # The credentials may have been fixed while we were down.
         await self._release_auth_deferred("at start")
-        self.delivery = Delivery(config, self.spool, self.metrics, self._connection_factory(config))
+        self.delivery = Delivery(config, self.spool, self.metrics,
+                                 connection_factory(config.upstream, config.hostname))
         self.state = ListenerState(config=config, spool=self.spool, sink=self.delivery,
                                    metrics=self.metrics)
-        self.state.tls_contexts = _listener_tls_contexts(config)
+        self.state.tls_contexts = listener_contexts(config)
         await self._start_listeners(config)
         await self._start_health(config)
         await self.delivery.start()
         if not self.supervised:
-            self._write_pid(config.queue.path)
-            self._start_watchdog()
+            write_pid(config.queue.path)
+            if (interval := sdnotify.watchdog_interval()) is not None:
+                self._background(sdnotify.keep_watchdog_fed(interval), "watchdog")
         counts = await self.spool.counts()
         pending = counts["queued"] + counts["deferred"]
         log.info("infobip-relay ready: listening on %s; upstream %s:%d (%s); %d message(s) "
@@ -142,15 +141,15 @@ class Server:
                 await asyncio.wait_for(server.wait_closed(), 2)
         if self.delivery is not None:
             await self.delivery.stop(max(0.5, deadline - time.monotonic()))
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.health_server is not None:
             await self.health_server.stop()
+        if not self.supervised:
+            remove_pid(config.queue.path)  # before the spool's lock goes with close()
         if self.spool is not None:
             await self.spool.close()
-        if not self.supervised:
-            self._remove_pid(config.queue.path)
-        self._unlock_spool()
         log.info("stopped; every accepted message is in the spool")
 
     async def reload(self) -> bool:
@@ -160,7 +159,7 @@ class Server:
         try:
             try:
                 new = load_config(self.config_path)
-                tls_contexts = _listener_tls_contexts(new)
+                tls_contexts = listener_contexts(new)
             except ConfigError as exc:
                 log.error("reload refused, keeping the running configuration: %s", exc)
                 return False
@@ -169,13 +168,13 @@ class Server:
             self.config = new
             if self.state is not None:
                 self.state.config = new
-                self.state.tls_contexts = _adopt_certificates(self.state.tls_contexts,
-                                                              tls_contexts, new)
+                self.state.tls_contexts = adopt_certificates(self.state.tls_contexts,
+                                                             tls_contexts, new)
             if self.delivery is not None:
                 if upstream_changed:
                     # Before reconfigure() wakes the poller, so that they go out at once.
                     await self._release_auth_deferred("after the upstream settings changed")
-                    self.delivery.reconfigure(new, self._connection_factory(new))
+                    self.delivery.reconfigure(new, connection_factory(new.upstream, new.hostname))
                 else:
                     self.delivery.config = new
             log.info("configuration reloaded from %s (%d rule(s))", new.source, len(new.rules))
@@ -197,14 +196,6 @@ class Server:
         if released:
             log.info("%d message(s) deferred by an upstream authentication failure are due "
                      "again %s", released, when)
-
-    def _connection_factory(self, config: Config) -> Callable[[], UpstreamConnection]:
-        context = config.upstream.ssl_context()
-
-        def factory() -> UpstreamConnection:
-            return UpstreamConnection(config.upstream, config.hostname, context)
-
-        return factory
 
     async def _start_listeners(self, config: Config) -> None:
         assert self.state is not None
@@ -239,15 +230,7 @@ class Server:
         """Ready when the spool takes writes and the upstream answered recently."""
         if self.spool is None or self.delivery is None or not await self.spool.check_writable():
             return False, "spool is not writable"
-        health = self.delivery.health
-        if health.auth_failed:
-            return False, f"upstream refuses our credentials: {health.last_error}"
-        recent = health.last_success is not None and \
-            time.time() - health.last_success < _READY_UPSTREAM_WINDOW
-        if health.failures or not recent:
-            reason = health.last_error or "no contact yet"
-            return False, f"upstream not reachable recently: {reason}"
-        return True, "ready"
+        return self.delivery.health.readiness()
 
     async def refresh_stats(self) -> None:
         if self.spool is None or self.delivery is None:
@@ -258,89 +241,14 @@ class Server:
         oldest = await self.spool.oldest_pending()
         self.metrics.oldest_age.set(time.time() - oldest if oldest else 0)
         self.metrics.upstream_up.set(1 if self.delivery.health.ok else 0)
+        self.metrics.upstream_auth_ok.set(0 if self.delivery.health.auth_failed else 1)
         self.metrics.upstream_connections_open.set(self.delivery.open_connections)
 
-    def _start_watchdog(self) -> None:
-        interval = sdnotify.watchdog_interval()
-        if interval is None:
-            return
-
-        async def ping() -> None:
-            while True:
-                sdnotify.watchdog()
-                await asyncio.sleep(interval / 2)
-
-        self._watchdog = asyncio.create_task(ping(), name="watchdog")
-
-    # -- spool directory bookkeeping
-
-    def _absorb_orphan_spools(self) -> None:
-        """Take over the spools of workers that no longer exist (the worker count went down)."""
-        assert self.spool is not None
-        for index, directory in worker_spools(self.config.queue.path):
-            if index < self.workers or index % self.workers != self.worker:
-                continue
-            moved = absorb_spool(self.spool.db, directory)
-            if moved:
-                log.info("took over %d message(s) from %s", moved, directory)
-
-    def _lock_spool(self, directory: Path) -> None:
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            restrict_mode(directory, 0o700)
-            handle = open_private(directory / LOCK_FILE)
-        except OSError as exc:
-            raise StartupError(f"cannot use spool directory {directory}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise StartupError(f"another infobip-relay is already using the spool {directory}"
-                               ) from None
-        self._lock_file = handle
-
-    def _unlock_spool(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
-
-    @staticmethod
-    def _write_pid(directory: Path) -> None:
-        write_pid_file(directory / PID_FILE)
-
-    @staticmethod
-    def _remove_pid(directory: Path) -> None:
-        with contextlib.suppress(OSError):
-            (directory / PID_FILE).unlink()
-
-
-def _listener_tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
-    contexts = {}
-    for index, listener in enumerate(config.listeners):
-        if listener.tls == "none":
-            continue
-        try:
-            contexts[listener.name] = server_tls_context(listener)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"listeners[{index}].certificate", f"cannot load: {exc}") from None
-    return contexts
-
-
-def _adopt_certificates(current: dict[str, ssl.SSLContext], fresh: dict[str, ssl.SSLContext],
-                        config: Config) -> dict[str, ssl.SSLContext]:
-    """Load reloaded certificates into the contexts in use.
-
-    An implicit-TLS asyncio server keeps the context it was created with, so new certificates
-    must go into that same object; `fresh` was built first to prove the files load.
-    """
-    adopted = dict(fresh)
-    for listener in config.listeners:
-        context = current.get(listener.name)
-        if context is not None and listener.name in fresh:
-            context.load_cert_chain(str(listener.certificate), str(listener.private_key))
-            adopted[listener.name] = context
-    return adopted
-
+    def _background(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run ``coroutine`` as a task that is kept until done and cancelled at shutdown."""
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 def _warn_unreloadable(old: Config, new: Config) -> None:
     if old.listeners != new.listeners:
@@ -354,24 +262,11 @@ def _warn_unreloadable(old: Config, new: Config) -> None:
         log.warning("metrics address changes only on restart")
 
 
-def open_private(path: Path) -> IO[str]:
-    """Open (append, create 0600) a file in the spool; an existing one loses other access."""
-    handle = open(os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600),  # noqa: SIM115
-                  "a+", encoding="utf-8")
-    restrict_mode(path, 0o600)
-    return handle
-
-
-def write_pid_file(path: Path) -> None:
-    with open_private(path) as handle:
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-
-
-def read_pid(directory: Path) -> int | None:
+def run_server(server: Server) -> None:
+    """Run one server to completion on the best event loop available."""
     try:
-        pid = int((directory / PID_FILE).read_text(encoding="ascii").strip())
-    except (OSError, ValueError):
-        return None
-    # 0 and negative numbers would signal a whole process group: never trust them.
-    return pid if pid > 0 else None
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        asyncio.run(server.serve())
+    else:
+        uvloop.run(server.serve())

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,9 +225,3 @@ def restore_files(bodies: Path, orphan: OrphanedBody, envelope: SavedEnvelope) -
     fsync_dir(quarantine)
     fsync_dir(bodies)
     return body
-
-
-def unlink_all(paths: Iterable[Path]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()

@@ -3,6 +3,9 @@
 Fresh messages come straight from the listener (no spool read); deferred ones and those left by
 a previous run are found by polling the spool. One worker task owns one upstream connection, so
 `upstream.connections` workers send in parallel, each reusing its authenticated session.
+
+Delivery knows the upstream only as the `Upstream` protocol (send / probe / close), made by the
+factory it is given: the relay passes `upstream.connection_factory`, the tests a scripted fake.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.config import Config
@@ -22,8 +24,9 @@ from relay.metrics import Metrics
 from relay.spool import Outcome, QueuedMessage, Recipient, Spool, State
 from relay.upstream import (
     SendResult,
+    Upstream,
     UpstreamAuthError,
-    UpstreamConnection,
+    UpstreamFactory,
     UpstreamOutcomeUnknown,
     UpstreamUnavailable,
 )
@@ -42,6 +45,8 @@ _MAX_CONNECT_BACKOFF = 60.0
 # hold the mail back for _MAX_CONNECT_BACKOFF once the upstream is back.
 _WAITING_PROBE_INTERVAL = 2.0
 _LOG_LEVELS = {"delivered": logging.INFO, "pending": logging.WARNING, "failed": logging.ERROR}
+# Ready means the upstream answered within this window (a probe runs every _PROBE_INTERVAL).
+_READY_UPSTREAM_WINDOW = 300.0
 
 
 @dataclass(order=True)
@@ -94,6 +99,17 @@ class UpstreamHealth:
     @property
     def paused(self) -> bool:
         return time.monotonic() < self.down_until
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason) as far as the upstream goes: it answered recently and accepts us."""
+        if self.auth_failed:
+            return False, f"upstream refuses our credentials: {self.last_error}"
+        recent = self.last_success is not None and \
+            time.time() - self.last_success < _READY_UPSTREAM_WINDOW
+        if self.failures or not recent:
+            reason = self.last_error or "no contact yet"
+            return False, f"upstream not reachable recently: {reason}"
+        return True, "ready"
 
 
 def backoff_delay(attempts: int, initial: float, maximum: float) -> float:
@@ -158,18 +174,15 @@ def _message_state(recipients: list[Recipient]) -> State:
     return "delivered"
 
 
-ConnectionFactory = Callable[[], UpstreamConnection]
-
-
 class Delivery:
     """Workers + poller + housekeeping around one spool and one upstream."""
 
     def __init__(self, config: Config, spool: Spool, metrics: Metrics,
-                 connection_factory: ConnectionFactory) -> None:
+                 upstream_factory: UpstreamFactory) -> None:
         self.config = config
         self.spool = spool
         self.metrics = metrics
-        self.connection_factory = connection_factory
+        self.upstream_factory = upstream_factory
         self.health = UpstreamHealth()
         self._ready: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
         self._known: set[str] = set()
@@ -179,8 +192,10 @@ class Delivery:
         self._seq = itertools.count()
         self._memory = 0
         self._workers: list[asyncio.Task[None]] = []
-        self._connections: list[UpstreamConnection] = []
+        self._connections: list[Upstream] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Connections replaced by reconfigure(), closing in the background; awaited at stop().
+        self._closing: set[asyncio.Task[None]] = set()
         self._busy = 0
         self._stopping = False
         self._wake = asyncio.Event()
@@ -192,7 +207,7 @@ class Delivery:
 
     async def start(self) -> None:
         for index in range(self.config.upstream.connections):
-            connection = self.connection_factory()
+            connection = self.upstream_factory()
             self._connections.append(connection)
             self._workers.append(asyncio.create_task(self._work(index),
                                                      name=f"delivery-worker-{index}"))
@@ -210,22 +225,24 @@ class Delivery:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, *self._tasks, return_exceptions=True)
-        await asyncio.gather(*(c.close() for c in self._connections), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self._connections), *self._closing,
+                             return_exceptions=True)
         await self._record_unrecorded()
         if self._unrecorded:
             log.error("%d outcome(s) could not be recorded before shutdown; those messages may "
                       "be sent again after a restart: %s", len(self._unrecorded),
                       ", ".join(sorted(self._unrecorded)))
 
-    def reconfigure(self, config: Config, connection_factory: ConnectionFactory) -> None:
+    def reconfigure(self, config: Config, upstream_factory: UpstreamFactory) -> None:
         """Adopt a reloaded config: new connections use it; the health state starts afresh."""
         self.config = config
-        self.connection_factory = connection_factory
+        self.upstream_factory = upstream_factory
         self.health = UpstreamHealth()
         for index, connection in enumerate(self._connections):
-            replacement = connection_factory()
-            self._connections[index] = replacement
-            asyncio.create_task(connection.close())  # noqa: RUF006
+            self._connections[index] = upstream_factory()
+            closing = asyncio.create_task(connection.close(), name="delivery-close-replaced")
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         self._resume.set()
         self._wake.set()
 
@@ -308,7 +325,7 @@ class Delivery:
         """Commit the outcomes that failed to commit; release each message that made it."""
         for message_id, outcome in list(self._unrecorded.items()):
             try:
-                await self.spool.record(message_id, outcome)
+                await self.spool.record_soon(message_id, outcome)
             except Exception:  # still failing: the next round tries again
                 return
             del self._unrecorded[message_id]
@@ -316,7 +333,7 @@ class Delivery:
             log.info("outcome for %s recorded after all", message_id,
                      extra={"queue_id": message_id})
 
-    async def _deliver(self, connection: UpstreamConnection, job: _Job
+    async def _deliver(self, connection: Upstream, job: _Job
                        ) -> asyncio.Future[bool] | None:
         """Send one message; returns the pending commit of its outcome, if there is one."""
         message = job.message or await self.spool.get(job.id)
@@ -451,7 +468,7 @@ class Delivery:
         if not waiting and self.health.last_success and \
                 time.time() - self.health.last_success < _PROBE_INTERVAL:
             return
-        connection = self.connection_factory()
+        connection = self.upstream_factory()
         try:
             await connection.probe()
         except UpstreamAuthError as exc:

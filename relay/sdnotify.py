@@ -14,6 +14,7 @@ it. Failures are logged at debug level and reported by a ``False`` return.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -109,6 +110,13 @@ def reloading() -> bool:
 def watchdog() -> bool:
     """Keep-alive ping; must arrive more often than ``watchdog_interval()``."""
     return notify("WATCHDOG=1")
+
+
+async def keep_watchdog_fed(interval: float) -> None:
+    """Ping the watchdog at half ``interval`` (from `watchdog_interval`) until cancelled."""
+    while True:
+        watchdog()
+        await asyncio.sleep(interval / 2)
 
 
 def status(text: str) -> bool:

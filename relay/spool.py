@@ -3,12 +3,15 @@
 `SpoolDB` is the synchronous store, used directly by the CLI (another process may be serving).
 `Spool` wraps one `SpoolDB` in a dedicated writer thread and batches concurrent operations into one
 transaction and one fsync (group commit): 50 sessions finishing DATA at once cost one fsync.
+`Spool.open` is how the relay opens its spool: under the directory's lock (one relay per spool),
+after taking over the spools of worker processes that no longer exist.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -19,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import IO, Any, Literal
 
 from relay.bodyfiles import (
     ORPHANED_DIR,
@@ -43,6 +46,8 @@ State = Literal["queued", "deferred", "failed", "delivered"]
 RecipientState = Literal["pending", "delivered", "failed"]
 DB_NAME = "queue.sqlite3"
 BODIES_DIR = "bodies"
+# Held (flock) by the relay serving the spool; the CLI takes it to know that none does.
+LOCK_FILE = "relay.lock"
 # Bodies above this size go to a file of their own (written and fsynced before the row commits):
 # in SQLite a 1 MiB blob costs 256 overflow pages to write, checkpoint and free again.
 FILE_BODY_THRESHOLD = 64 * 1024
@@ -471,6 +476,24 @@ def find_spools(directory: Path) -> list[Path]:
     return own + [path for _, path in worker_spools(directory)]
 
 
+def take_over_worker_spools(target: SpoolDB, directory: Path, *, worker: int, workers: int
+                            ) -> int:
+    """Move into ``target`` the messages of the worker spools under queue.path ``directory``
+    whose worker no longer exists (the worker count went down) and that fall to ``worker``.
+
+    Each orphaned spool goes to exactly one of the ``workers`` remaining workers.
+    """
+    moved_in_all = 0
+    for index, source in worker_spools(directory):
+        if index < workers or index % workers != worker:
+            continue
+        moved = absorb_spool(target, source)
+        if moved:
+            log.info("took over %d message(s) from %s", moved, source)
+        moved_in_all += moved
+    return moved_in_all
+
+
 def absorb_spool(target: SpoolDB, source_dir: Path) -> int:
     """Move every message of another spool into ``target`` (a worker count went down).
 
@@ -525,6 +548,34 @@ def _make_private_database(path: Path) -> None:
         raise SpoolError(f"cannot create spool database {path}: {exc.strerror}") from exc
 
 
+def open_private(path: Path) -> IO[str]:
+    """Open (append, create 0600) a file in the spool; an existing one loses other access."""
+    handle = open(os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600),  # noqa: SIM115
+                  "a+", encoding="utf-8")
+    restrict_mode(path, 0o600)
+    return handle
+
+
+def lock_spool(directory: Path) -> IO[str]:
+    """Create ``directory`` (0700) and hold its lock for as long as the returned file is open.
+
+    SpoolError when the directory is unusable or another relay holds the lock.
+    """
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        restrict_mode(directory, 0o700)
+        handle = open_private(directory / LOCK_FILE)
+    except OSError as exc:
+        raise SpoolError(f"cannot use spool directory {directory}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SpoolError(f"another infobip-relay is already using the spool {directory}"
+                         ) from None
+    return handle
+
+
 def restrict_mode(path: Path, mode: int) -> None:
     """Take away permissions beyond ``mode``; a file we may not chmod is left as it is."""
     try:
@@ -535,7 +586,6 @@ def restrict_mode(path: Path, mode: int) -> None:
         pass
 
 
-T = TypeVar("T")
 _Op = tuple[Callable[[SpoolDB], Any], asyncio.Future[Any], bool]
 
 
@@ -548,8 +598,29 @@ class Spool:
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self.batches = 0
-        self.last_error: str | None = None
+        self._lock: IO[str] | None = None
+
+    @classmethod
+    def open(cls, directory: Path, *, worker: int = 0, workers: int = 1) -> Spool:
+        """The locked spool of worker ``worker`` (of ``workers``) under queue.path ``directory``.
+
+        It has taken over the messages of worker spools left without a worker. SpoolError when
+        another relay holds it, or it is damaged or unusable. `close()` releases the lock.
+        """
+        own = worker_spool_dir(directory, worker)
+        lock = lock_spool(own)
+        try:
+            spool = cls(own)
+            try:
+                take_over_worker_spools(spool.db, directory, worker=worker, workers=workers)
+            except BaseException:
+                spool.db.close()
+                raise
+        except BaseException:
+            lock.close()
+            raise
+        spool._lock = lock
+        return spool
 
     def free_space(self) -> int:
         """Bytes available to the relay on the spool's file system."""
@@ -567,6 +638,9 @@ class Spool:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         self.db.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # -- async API
 
@@ -574,10 +648,6 @@ class Spool:
         """Store a message; returns only once it is fsynced. Raises SpoolError otherwise."""
         now = time.time()
         await self._submit(lambda db: db.insert(envelope, priority, now), write=True)
-
-    async def record(self, message_id: str, outcome: Outcome) -> bool:
-        result: bool = await self.record_soon(message_id, outcome)
-        return result
 
     def record_soon(self, message_id: str, outcome: Outcome) -> asyncio.Future[bool]:
         """Queue an outcome for the next group commit; the future resolves once it is durable."""
@@ -670,7 +740,11 @@ class Spool:
 
     def _commit_writes(self, writes: list[_Op]
                        ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        """Run every write in one transaction; a failing one is rolled back alone (savepoint)."""
+        """Run every write in one transaction; a failing one is rolled back alone (savepoint).
+
+        SQLite may abandon the whole transaction itself (SQLITE_FULL, SQLITE_IOERR): then the
+        ROLLBACK TO fails too, and every write of the batch fails, none half-committed.
+        """
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         conn = self.db.conn
         try:
@@ -689,10 +763,7 @@ class Spool:
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
             self.db.unlink_committed()
-            self.batches += 1
-            self.last_error = None
         except sqlite3.Error as exc:
-            self.last_error = str(exc)
             self.db.forget_unlinks(0)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")

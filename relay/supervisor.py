@@ -8,7 +8,6 @@ pid file and talks to systemd.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -17,8 +16,9 @@ import time
 from collections.abc import Callable
 
 from relay import sdnotify
-from relay.app import PID_FILE, Server, StartupError, write_pid_file
+from relay.app import Server, StartupError
 from relay.config import Config
+from relay.pidfile import remove_pid, write_pid
 
 log = logging.getLogger("relay.supervisor")
 
@@ -39,15 +39,13 @@ def run_workers(config: Config, config_path: str | None, run: Runner) -> int:
         if not supervisor.spawn(index, wait_ready=True):
             supervisor.stop_all()
             return 1
-    pid_file = config.queue.path / PID_FILE
-    write_pid_file(pid_file)
+    write_pid(config.queue.path)
     log.info("supervising %d worker processes", count)
     sdnotify.ready(f"relaying with {count} workers")
     try:
         return supervisor.supervise()
     finally:
-        with contextlib.suppress(OSError):
-            pid_file.unlink()
+        remove_pid(config.queue.path)
 
 
 class _Supervisor:
@@ -57,7 +55,6 @@ class _Supervisor:
         self.run = run
         self.children: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
-        self.reload_requested = False
 
     def spawn(self, index: int, *, wait_ready: bool) -> bool:
         read_end, write_end = os.pipe()
@@ -120,14 +117,14 @@ class _Supervisor:
                 self.spawn(index, wait_ready=False)
         return 1 if failed else 0
 
-    def _on_stop(self, signum: int, frame: object) -> None:
+    def _on_stop(self, signum: int, _frame: object) -> None:
         if not self.stopping:
             self.stopping = True
             sdnotify.stopping()
             log.info("stopping %d workers", len(self.children))
         self._forward(signal.SIGTERM)
 
-    def _on_reload(self, signum: int, frame: object) -> None:
+    def _on_reload(self, signum: int, _frame: object) -> None:
         log.info("reload requested: passing it to the workers")
         self._forward(signal.SIGHUP)
 
@@ -164,12 +161,3 @@ def _wait_ready(fd: int) -> bool:
             return os.read(fd, 1) == b"R"
     return False
 
-
-def run_server(server: Server) -> None:
-    """Run one server to completion on the best event loop available."""
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        asyncio.run(server.serve())
-    else:
-        uvloop.run(server.serve())

@@ -1,15 +1,20 @@
 """One authenticated, TLS-only SMTP connection to the Infobip endpoint (aiosmtplib).
 
-It turns every reply and transport failure into a `SendResult` or one of two exceptions, so the
-delivery module decides on outcomes without knowing SMTP or aiosmtplib.
+`Upstream` is what the delivery module sees of it (send / probe / close), like chasquid's
+Courier or httpx's transports: `UpstreamConnection` implements it with aiosmtplib, and the tests
+drive `Delivery` with a scripted fake. Every reply and transport failure becomes a `SendResult`
+or one of the `UpstreamError` exceptions, so delivery decides on outcomes without knowing SMTP.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import aiosmtplib
 
@@ -73,6 +78,44 @@ class SendResult:
     local: bool = False
 
 
+class Upstream(Protocol):
+    """One session to the upstream, connected lazily and reused for many messages."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether a session is open now (for the open-connections gauge)."""
+        ...
+
+    @property
+    def smtputf8(self) -> bool | None:
+        """Whether the upstream advertised SMTPUTF8 at the last EHLO (None before any)."""
+        ...
+
+    async def send(self, mail_from: str, recipients: tuple[str, ...], data: bytes,
+                   mail_options: tuple[str, ...] = ()) -> SendResult:
+        """Forward one message; per-recipient results, or an `UpstreamError` about the session:
+        UpstreamUnavailable (retry later), UpstreamAuthError (credentials refused),
+        UpstreamOutcomeUnknown (the final dot went out and no reply came back)."""
+        ...
+
+    async def probe(self) -> None:
+        """Connect and authenticate; raises UpstreamUnavailable or UpstreamAuthError."""
+        ...
+
+    async def close(self) -> None:
+        """End the session politely (QUIT) if one is open."""
+        ...
+
+
+UpstreamFactory = Callable[[], Upstream]
+
+
+def connection_factory(config: UpstreamConfig, local_hostname: str
+                       ) -> Callable[[], UpstreamConnection]:
+    """A factory of connections to the upstream ``config`` describes (one TLS context for all)."""
+    return functools.partial(UpstreamConnection, config, local_hostname, config.ssl_context())
+
+
 def _reply(code: int, message: str) -> str:
     return f"{code} {' '.join(message.split())}"
 
@@ -121,7 +164,6 @@ class UpstreamConnection:
         self._smtp: aiosmtplib.SMTP | None = None
         self._smtputf8: bool | None = None
         self._last_used = 0.0
-        self.transactions = 0
 
     @property
     def connected(self) -> bool:
@@ -193,7 +235,6 @@ class UpstreamConnection:
             raise
         finally:
             self._last_used = time.monotonic()
-        self.transactions += 1
         return _partial(names, refused, message)
 
     async def _refused(self, recipients: tuple[str, ...],

@@ -100,8 +100,8 @@ def test_starttls_verified_handshake_and_delivery(fake_upstream, start_relay, li
     assert b"with ESMTPS id" in received.data  # the trace header records the TLS session
 
 
-def test_starttls_rejects_an_untrusted_ca(fake_upstream, start_relay, listener_cert_files):
-    relay = start_relay(fake_upstream, listeners=[tls_listener(listener_cert_files)])
+def test_starttls_rejects_an_untrusted_ca(start_relay, listener_cert_files):
+    relay = start_relay(None, listeners=[tls_listener(listener_cert_files)])
     foreign = ssl.create_default_context()  # system store: does not know the test CA
     with Raw(relay.address) as raw:
         raw.reply()
@@ -110,9 +110,8 @@ def test_starttls_rejects_an_untrusted_ca(fake_upstream, start_relay, listener_c
             raw.starttls(foreign)
 
 
-def test_failed_starttls_handshake_leaks_no_connection(fake_upstream, start_relay,
-                                                       listener_cert_files):
-    relay = start_relay(fake_upstream, listeners=[tls_listener(listener_cert_files)])
+def test_failed_starttls_handshake_leaks_no_connection(start_relay, listener_cert_files):
+    relay = start_relay(None, listeners=[tls_listener(listener_cert_files)])
     with Raw(relay.address) as raw:
         raw.reply()
         raw.cmd("EHLO client.example.com")
@@ -152,9 +151,9 @@ def test_implicit_tls_from_the_first_byte(fake_upstream, start_relay, listener_c
 @pytest.mark.parametrize("auth", ["optional", "required"])
 @pytest.mark.parametrize(("mechanism", "initial"),
                          [("PLAIN", True), ("PLAIN", False), ("LOGIN", True), ("LOGIN", False)])
-def test_auth_success_over_tls(fake_upstream, start_relay, listener_cert_files, client_tls, auth,
+def test_auth_success_over_tls(start_relay, listener_cert_files, client_tls, auth,
                                mechanism, initial):
-    relay = start_relay(fake_upstream, access=UNTRUSTED, users=[user()],
+    relay = start_relay(None, access=UNTRUSTED, users=[user()],
                         listeners=[tls_listener(listener_cert_files, auth=auth)])
     with smtplib.SMTP(*relay.address, timeout=10) as client:
         client.ehlo("client.example.com")
@@ -170,9 +169,9 @@ def test_auth_success_over_tls(fake_upstream, start_relay, listener_cert_files, 
 
 
 @pytest.mark.parametrize("auth", ["optional", "required"])
-def test_wrong_password_and_unknown_user_get_535(fake_upstream, start_relay, listener_cert_files,
+def test_wrong_password_and_unknown_user_get_535(start_relay, listener_cert_files,
                                                  client_tls, auth):
-    relay = start_relay(fake_upstream, users=[user()],
+    relay = start_relay(None, users=[user()],
                         listeners=[tls_listener(listener_cert_files, auth=auth)])
     with smtplib.SMTP(*relay.address, timeout=10) as client:
         client.ehlo("client.example.com")
@@ -188,8 +187,8 @@ def test_wrong_password_and_unknown_user_get_535(fake_upstream, start_relay, lis
             assert client.mail("app@example.com")[0] == 530
 
 
-def test_malformed_auth_exchanges(fake_upstream, start_relay, listener_cert_files, client_tls):
-    relay = start_relay(fake_upstream, users=[user()],
+def test_malformed_auth_exchanges(start_relay, listener_cert_files, client_tls):
+    relay = start_relay(None, users=[user()],
                         listeners=[tls_listener(listener_cert_files, auth="optional")])
     with Raw(relay.address) as raw:
         raw.reply()
@@ -207,9 +206,8 @@ def test_malformed_auth_exchanges(fake_upstream, start_relay, listener_cert_file
         assert code == 235, lines
 
 
-def test_untrusted_client_without_tls_cannot_auth_or_relay(fake_upstream, start_relay,
-                                                           listener_cert_files):
-    relay = start_relay(fake_upstream, access=UNTRUSTED, users=[user()],
+def test_untrusted_client_without_tls_cannot_auth_or_relay(start_relay, listener_cert_files):
+    relay = start_relay(None, access=UNTRUSTED, users=[user()],
                         listeners=[tls_listener(listener_cert_files, auth="optional")])
     with smtplib.SMTP(*relay.address, timeout=10) as client:
         client.ehlo("client.example.com")
@@ -242,8 +240,8 @@ def test_untrusted_client_may_relay_after_auth(fake_upstream, start_relay, liste
     assert (record.id, record.auth_user, record.client) == (queue_id, "alice", "127.0.0.1")
 
 
-def test_trusted_client_is_offered_auth_without_tls(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, users=[user()], listeners=[listener(auth="optional")])
+def test_trusted_client_is_offered_auth_without_tls(start_relay):
+    relay = start_relay(None, users=[user()], listeners=[listener(auth="optional")])
     with smtplib.SMTP(*relay.address, timeout=10) as client:
         client.ehlo("client.example.com")
         assert set(client.esmtp_features["auth"].split()) == {"LOGIN", "PLAIN"}
@@ -268,8 +266,8 @@ def test_auth_required_applies_to_trusted_clients(fake_upstream, start_relay):
     assert [m.auth_user for m in spool_messages(relay)] == ["alice"]
 
 
-def test_auth_none_is_not_offered(fake_upstream, start_relay, listener_cert_files, client_tls):
-    relay = start_relay(fake_upstream, users=[user()],
+def test_auth_none_is_not_offered(start_relay, listener_cert_files, client_tls):
+    relay = start_relay(None, users=[user()],
                         listeners=[tls_listener(listener_cert_files)])
     with smtplib.SMTP(*relay.address, timeout=10) as client:
         client.ehlo("client.example.com")
@@ -285,8 +283,8 @@ def test_auth_none_is_not_offered(fake_upstream, start_relay, listener_cert_file
 # ---------------------------------------------------------------------------------------------
 # 3. AUTH failures are slowed down and counted
 # ---------------------------------------------------------------------------------------------
-def test_repeated_auth_failures_slow_down_and_are_counted(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, users=[user()], listeners=[listener(auth="optional")])
+def test_repeated_auth_failures_slow_down_and_are_counted(start_relay):
+    relay = start_relay(None, users=[user()], listeners=[listener(auth="optional")])
     durations = []
     with smtplib.SMTP(*relay.address, timeout=20) as client:
         client.ehlo("client.example.com")
@@ -302,8 +300,8 @@ def test_repeated_auth_failures_slow_down_and_are_counted(fake_upstream, start_r
 # ---------------------------------------------------------------------------------------------
 # 4. allowed_senders
 # ---------------------------------------------------------------------------------------------
-def test_listener_allowed_senders(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, listeners=[
+def test_listener_allowed_senders(start_relay):
+    relay = start_relay(None, listeners=[
         listener(allowed_senders=["*@Example.COM", "alerts@ops.example.net"])])
     with smtplib.SMTP(*relay.address, timeout=10) as client:
         client.ehlo("client.example.com")
@@ -318,8 +316,8 @@ def test_listener_allowed_senders(fake_upstream, start_relay):
         assert client.data(MESSAGE)[0] == 250
 
 
-def test_user_allowed_senders_override_the_listener(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, users=[
+def test_user_allowed_senders_override_the_listener(start_relay):
+    relay = start_relay(None, users=[
         user("alice", allowed_senders=["Billing@Example.com"]), user("bob")],
         listeners=[listener(auth="optional", allowed_senders=["*@example.com"])])
 
@@ -342,8 +340,8 @@ def test_user_allowed_senders_override_the_listener(fake_upstream, start_relay):
 # ---------------------------------------------------------------------------------------------
 # 5. Limits and timeouts
 # ---------------------------------------------------------------------------------------------
-def test_max_connections(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, access={"max_connections": 2})
+def test_max_connections(start_relay):
+    relay = start_relay(None, access={"max_connections": 2})
     first, second = Raw(relay.address), Raw(relay.address)
     try:
         assert first.reply()[0] == 220 and second.reply()[0] == 220
@@ -363,8 +361,8 @@ def test_max_connections(fake_upstream, start_relay):
     wait_until(lambda: no_leaked_connections(relay), what="connection bookkeeping to drain")
 
 
-def test_max_connections_per_client(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, access={"max_connections_per_client": 1})
+def test_max_connections_per_client(start_relay):
+    relay = start_relay(None, access={"max_connections_per_client": 1})
     with Raw(relay.address) as first:
         assert first.reply()[0] == 220
         with Raw(relay.address) as second:
@@ -381,8 +379,8 @@ def test_max_connections_per_client(fake_upstream, start_relay):
         assert again.reply()[0] == 220
 
 
-def test_idle_client_times_out(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, access={"command_timeout": "1s"})
+def test_idle_client_times_out(start_relay):
+    relay = start_relay(None, access={"command_timeout": "1s"})
     with Raw(relay.address) as raw:
         raw.reply()
         assert raw.cmd("EHLO client.example.com")[0] == 250
@@ -418,8 +416,8 @@ def _loop_errors(relay: ThreadRelay) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("how", ["data_timeout", "client_reset"])
-def test_connection_lost_during_data_leaves_no_timer(fake_upstream, start_relay, how):
-    relay = start_relay(fake_upstream, access={"data_timeout": "1s", "command_timeout": "1s"})
+def test_connection_lost_during_data_leaves_no_timer(start_relay, how):
+    relay = start_relay(None, access={"data_timeout": "1s", "command_timeout": "1s"})
     errors = _loop_errors(relay)
     with Raw(relay.address) as raw:
         raw.reply()
@@ -440,8 +438,8 @@ def test_connection_lost_during_data_leaves_no_timer(fake_upstream, start_relay,
 # ---------------------------------------------------------------------------------------------
 # 6. Replies
 # ---------------------------------------------------------------------------------------------
-def test_enhanced_status_codes_after_ehlo_only(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream)
+def test_enhanced_status_codes_after_ehlo_only(start_relay):
+    relay = start_relay(None)
     with Raw(relay.address) as raw:
         code, greeting = raw.reply()
         assert code == 220 and not ENHANCED.match(greeting[0])
@@ -470,8 +468,8 @@ def test_enhanced_status_codes_after_ehlo_only(fake_upstream, start_relay):
         assert code == 500 and not ENHANCED.match(lines[0])
 
 
-def test_unknown_command_gets_500(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream)
+def test_unknown_command_gets_500(start_relay):
+    relay = start_relay(None)
     with Raw(relay.address) as raw:
         raw.reply()
         raw.cmd("EHLO client.example.com")
@@ -516,8 +514,8 @@ PROTOCOL_ERRORS = [
 ]
 
 
-def test_protocol_errors_never_leak_exceptions(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream, users=[user()], listeners=[listener(auth="optional")])
+def test_protocol_errors_never_leak_exceptions(start_relay):
+    relay = start_relay(None, users=[user()], listeners=[listener(auth="optional")])
     with Raw(relay.address) as raw:
         raw.reply()
         raw.cmd("EHLO client.example.com")
@@ -534,8 +532,8 @@ def test_protocol_errors_never_leak_exceptions(fake_upstream, start_relay):
     assert internal == []
 
 
-def test_non_utf8_address_gets_a_definite_answer(fake_upstream, start_relay):
-    relay = start_relay(fake_upstream)
+def test_non_utf8_address_gets_a_definite_answer(start_relay):
+    relay = start_relay(None)
     with Raw(relay.address) as raw:
         raw.reply()
         raw.cmd("EHLO client.example.com")
@@ -547,9 +545,9 @@ def test_non_utf8_address_gets_a_definite_answer(fake_upstream, start_relay):
         assert code in (250, 501, 553), lines
 
 
-def test_non_utf8_sender_through_a_whole_transaction(fake_upstream, start_relay):
+def test_non_utf8_sender_through_a_whole_transaction(start_relay):
     """If an undecodable address is accepted at MAIL, the message must be spooled too."""
-    relay = start_relay(fake_upstream)
+    relay = start_relay(None)
     with Raw(relay.address) as raw:
         raw.reply()
         raw.cmd("EHLO client.example.com")
@@ -671,18 +669,16 @@ def _tls_session_left_closing(relay: ThreadRelay, context: ssl.SSLContext) -> Ra
     return raw
 
 
-def test_shutdown_survives_a_closing_tls_session(fake_upstream, start_relay,
-                                                 listener_cert_files, client_tls):
-    relay = start_relay(fake_upstream, listeners=[tls_listener(listener_cert_files)])
+def test_shutdown_survives_a_closing_tls_session(start_relay, listener_cert_files, client_tls):
+    relay = start_relay(None, listeners=[tls_listener(listener_cert_files)])
     with _tls_session_left_closing(relay, client_tls):
         # What SIGTERM runs; called in the relay's loop so that a failure leaves it running.
         relay.call(relay.server.shutdown(), timeout=15)
     assert not (relay.config.queue.path / "relay.pid").exists()  # shutdown ran to its end
 
 
-def test_idle_timer_on_a_closing_tls_session(fake_upstream, start_relay, listener_cert_files,
-                                             client_tls):
-    relay = start_relay(fake_upstream, access={"command_timeout": "1s"},
+def test_idle_timer_on_a_closing_tls_session(start_relay, listener_cert_files, client_tls):
+    relay = start_relay(None, access={"command_timeout": "1s"},
                         listeners=[tls_listener(listener_cert_files)])
     errors = _loop_errors(relay)
     with _tls_session_left_closing(relay, client_tls):
@@ -725,8 +721,8 @@ def _point_config_to_new_cert(relay: ThreadRelay, tls_ca: Any, directory: Path) 
 
 
 def test_reload_presents_the_new_certificate_to_new_starttls_sessions(
-        fake_upstream, start_relay, listener_cert_files, client_tls, tls_ca, tmp_path):
-    relay = start_relay(fake_upstream, listeners=[tls_listener(listener_cert_files)])
+        start_relay, listener_cert_files, client_tls, tls_ca, tmp_path):
+    relay = start_relay(None, listeners=[tls_listener(listener_cert_files)])
     before = _peer_cert_after_starttls(relay, client_tls)
     assert before == ssl.PEM_cert_to_DER_cert(listener_cert_files[0].read_text())
     fresh = _point_config_to_new_cert(relay, tls_ca, tmp_path)
@@ -736,8 +732,8 @@ def test_reload_presents_the_new_certificate_to_new_starttls_sessions(
 
 
 def test_reload_presents_the_new_certificate_on_implicit_tls(
-        fake_upstream, start_relay, listener_cert_files, client_tls, tls_ca, tmp_path):
-    relay = start_relay(fake_upstream, listeners=[tls_listener(listener_cert_files, "implicit")])
+        start_relay, listener_cert_files, client_tls, tls_ca, tmp_path):
+    relay = start_relay(None, listeners=[tls_listener(listener_cert_files, "implicit")])
     before = _peer_cert_implicit(relay, client_tls)
     fresh = _point_config_to_new_cert(relay, tls_ca, tmp_path)
     assert relay.reload() is True

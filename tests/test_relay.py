@@ -102,6 +102,24 @@ def test_upstream_outage_then_recovery(fake_upstream, start_relay):
     wait_until(lambda: spool_messages(relay, ("delivered",)), what="delivery after outage")
 
 
+def test_background_tasks_are_kept_until_done_and_cancelled_at_shutdown(start_relay):
+    relay = start_relay(None)
+
+    async def reload_in_background() -> tuple[bool, bool, asyncio.Task[Any]]:
+        relay.server.request_reload()  # what SIGHUP does
+        [reload] = [t for t in relay.server._tasks if t.get_name() == "reload"]
+        accepted = await reload
+        await asyncio.sleep(0)
+        relay.server._background(asyncio.sleep(3600), "long")
+        [long] = [t for t in relay.server._tasks if t.get_name() == "long"]
+        return accepted, reload in relay.server._tasks, long
+
+    accepted, still_kept, long = relay.call(reload_in_background())
+    assert accepted is True and still_kept is False  # discarded once done
+    relay.stop()
+    assert long.cancelled()  # shutdown cancelled and awaited it
+
+
 def test_temporary_failure_is_retried(fake_upstream, start_relay):
     relay = start_relay(fake_upstream)
     fake_upstream.fail_next("data", 451, "4.3.0 try later")

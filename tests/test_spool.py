@@ -1,20 +1,27 @@
-"""SpoolDB on real files: body sidecars, the quarantine of unknown bodies, recovery, damage."""
+"""The spool on real files: body sidecars, the quarantine of unknown bodies, recovery, damage,
+group commit (and the rollback of one write in a batch), locking and the takeover of worker
+spools."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import relay.spool as spool_module
 from relay.bodyfiles import ORPHANED_DIR, SavedEnvelope
 from relay.envelope import Envelope, MessageContext
 from relay.errors import SpoolError
-from relay.spool import DB_NAME, Outcome, Recipient, SpoolDB, absorb_spool
+from relay.spool import DB_NAME, LOCK_FILE, Outcome, Recipient, Spool, SpoolDB, absorb_spool
 
 LARGE = b"Received: from client ([127.0.0.1])\r\n\tby relay; id X\r\n" + b"x" * 100_000
 SMALL = b"Subject: small\r\n\r\nhello\r\n"
@@ -267,3 +274,229 @@ def test_the_json_of_a_sidecar_round_trips() -> None:
     saved = SavedEnvelope("a@x.test", ("b@y.test",), ("SMTPUTF8",), 0, 1.5, "::1", None, "l")
     assert SavedEnvelope.from_json(saved.to_json()) == saved
     assert json.loads(saved.to_json())["recipients"] == ["b@y.test"]
+
+
+# --------------------------------------------------------------------------- group commit
+#
+# A gate holds the writer thread while operations queue up, so that they form exactly one
+# batch; SQLite's trace callback (called in the writer thread) shows every statement it ran.
+
+
+def envelope(queue_id: str, data: bytes = SMALL) -> Envelope:
+    ctx = MessageContext(queue_id, "app@x.test", ("a@y.test", "b@y.test"), "192.0.2.7", None,
+                         "local", len(data))
+    return Envelope(ctx, data)
+
+
+DELIVERED = Outcome((Recipient("a@y.test", "delivered", "250 ok"),
+                     Recipient("b@y.test", "delivered", "250 ok")), "delivered", 0.0, 1, "250 ok")
+
+
+async def one_batch(spool: Spool, submit: Callable[[], list[Awaitable[Any]]]
+                    ) -> tuple[list[Any], list[str]]:
+    """Run the operations ``submit`` starts as one batch; their results and the SQL it ran."""
+    statements: list[str] = []
+    inside, gate = threading.Event(), threading.Event()
+
+    def hold(db: SpoolDB) -> None:
+        inside.set()
+        gate.wait(10)
+
+    held = spool._submit(hold)
+    assert await asyncio.to_thread(inside.wait, 10)  # the writer thread waits in hold()
+    operations = [asyncio.ensure_future(operation) for operation in submit()]
+    while spool._ops.qsize() < len(operations):  # each has queued its operation
+        await asyncio.sleep(0.001)
+    spool.db.conn.set_trace_callback(statements.append)
+    gate.set()
+    await held
+    results = await asyncio.gather(*operations, return_exceptions=True)
+    spool.db.conn.set_trace_callback(None)
+    return results, statements
+
+
+def test_concurrent_puts_share_one_transaction(spool_dir: Path) -> None:
+    async def scenario() -> tuple[list[Any], list[str], int]:
+        spool = Spool(spool_dir)
+        spool.start()
+        try:
+            results, statements = await one_batch(
+                spool, lambda: [spool.put(envelope(f"M{n:03d}"), 1) for n in range(100)])
+            return results, statements, (await spool.counts())["queued"]
+        finally:
+            await spool.close()
+
+    results, statements, queued = asyncio.run(scenario())
+    assert results == [None] * 100 and queued == 100
+    assert statements.count("BEGIN IMMEDIATE") == 1
+    assert statements.count("COMMIT") == 1  # one transaction, one fsync, for 100 messages
+    assert sum(s.startswith("INSERT INTO messages") for s in statements) == 100
+
+
+def test_concurrent_puts_without_a_gate_still_batch(spool_dir: Path) -> None:
+    commits = 0
+
+    def count(statement: str) -> None:
+        nonlocal commits
+        commits += statement == "COMMIT"
+
+    async def scenario() -> int:
+        spool = Spool(spool_dir)
+        spool.db.conn.set_trace_callback(count)
+        spool.start()
+        try:
+            await asyncio.gather(*(spool.put(envelope(f"M{n:03d}"), 1) for n in range(200)))
+            return (await spool.counts())["queued"]
+        finally:
+            await spool.close()
+
+    assert asyncio.run(scenario()) == 200
+    assert 1 <= commits < 200 // 4
+
+
+def test_one_failed_write_in_a_batch_is_rolled_back_alone(spool_dir: Path) -> None:
+    def fail_halfway(db: SpoolDB) -> None:
+        db.record("HALF", DELIVERED, time.time())  # would unlink HALF's body files...
+        raise RuntimeError("a bug after the first statement")  # ...but is rolled back
+
+    async def scenario() -> tuple[list[Any], list[str], Spool]:
+        spool = Spool(spool_dir)
+        spool.start()
+        try:
+            for queue_id in ("SENT", "HALF"):
+                await spool.put(envelope(queue_id, LARGE), 1)  # bodies in files
+            await spool.put(envelope("TWICE"), 1)
+            results, statements = await one_batch(spool, lambda: [
+                spool.record_soon("SENT", DELIVERED),
+                spool.put(envelope("TWICE"), 1),  # the id exists: UNIQUE constraint
+                spool._submit(fail_halfway, write=True),
+                spool.put(envelope("NEW"), 1),
+            ])
+            return results, statements, spool
+        finally:
+            await spool.close()
+
+    results, statements, _ = asyncio.run(scenario())
+    recorded, duplicate, bug, new = results
+    assert recorded is True and new is None
+    assert isinstance(duplicate, SpoolError) and "UNIQUE constraint failed" in str(duplicate)
+    assert isinstance(bug, RuntimeError)  # not a spool error: it keeps its type for the log
+    assert statements.count("COMMIT") == 1
+    assert statements.count("ROLLBACK TO op") == 2
+
+    db = SpoolDB(spool_dir, create=False)
+    states = {m.id: m.state for m in db.list()}
+    assert states == {"SENT": "delivered", "HALF": "queued", "TWICE": "queued", "NEW": "queued"}
+    # The committed record's files went; the rolled-back one's stayed with its row.
+    assert names(spool_dir / "bodies") == ["HALF", "HALF.env"]
+    assert db.data("HALF") == LARGE
+    db.close()
+
+
+@pytest.mark.parametrize("big_first", [True, False])
+def test_a_full_disk_in_a_batch_never_reports_a_write_that_did_not_commit(
+        spool_dir: Path, big_first: bool) -> None:
+    """SQLite may roll back the whole transaction on SQLITE_FULL, savepoints and all: then the
+    whole batch fails, and each caller hears so (never a 250 or a recorded outcome that is not
+    on disk)."""
+    async def scenario() -> tuple[list[Any], list[str]]:
+        spool = Spool(spool_dir)
+        spool.start()
+        try:
+            await spool.put(envelope("SENT", LARGE), 1)
+            pages = spool.db.conn.execute("PRAGMA page_count").fetchone()[0]
+            spool.db.conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+
+            def submit() -> list[Awaitable[Any]]:
+                operations = [spool.put(envelope("BIG", SMALL + b"x" * 50_000), 1),
+                              spool.record_soon("SENT", DELIVERED)]
+                return operations if big_first else operations[::-1]
+
+            return await one_batch(spool, submit)
+        finally:
+            await spool.close()
+
+    results, statements = asyncio.run(scenario())
+    put, recorded = results if big_first else results[::-1]
+    assert statements.count("BEGIN IMMEDIATE") == 1
+    assert isinstance(put, SpoolError) or isinstance(recorded, SpoolError)
+    db = SpoolDB(spool_dir, create=False)
+    states = {m.id: m.state for m in db.list()}
+    assert ("BIG" in states) == (put is None)
+    assert states["SENT"] == ("delivered" if recorded is True else "queued")
+    assert names(spool_dir / "bodies") == ([] if recorded is True else ["SENT", "SENT.env"])
+    db.close()
+
+
+# --------------------------------------------------------------------------- Spool.open
+
+
+def worker_spool(queue_path: Path, index: int, *queue_ids: str) -> None:
+    db = SpoolDB(queue_path / f"worker-{index}")
+    for queue_id in queue_ids:
+        store(db, queue_id)
+    db.close()
+
+
+def ids(spool: Spool) -> list[str]:
+    return sorted(m.id for m in spool.db.list())
+
+
+def test_spool_open_holds_the_lock_until_close(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path / "queue")
+    assert (tmp_path / "queue" / LOCK_FILE).stat().st_mode & 0o777 == 0o600
+    with pytest.raises(SpoolError, match="another infobip-relay is already using the spool"):
+        Spool.open(tmp_path / "queue")
+    asyncio.run(spool.close())
+    asyncio.run(Spool.open(tmp_path / "queue").close())  # free again
+
+
+def test_spool_open_gives_each_orphaned_worker_spool_to_one_worker(tmp_path: Path) -> None:
+    queue_path = tmp_path / "queue"
+    for index in (1, 2, 3, 4):
+        worker_spool(queue_path, index, f"W{index}")
+    # Down from five workers to two: worker 1 keeps its spool; 2 and 4 go to worker 0, 3 to 1.
+    first = Spool.open(queue_path, worker=0, workers=2)
+    second = Spool.open(queue_path, worker=1, workers=2)
+    try:
+        assert ids(first) == ["W2", "W4"]
+        assert second.db.directory == queue_path / "worker-1"
+        assert ids(second) == ["W1", "W3"]
+        assert names(queue_path / "bodies") == ["W2", "W2.env", "W4", "W4.env"]
+        assert first.db.data("W4") == LARGE and second.db.data("W3") == LARGE
+    finally:
+        asyncio.run(first.close())
+        asyncio.run(second.close())
+    emptied = SpoolDB(queue_path / "worker-3", create=False)
+    assert emptied.list() == [] and names(queue_path / "worker-3" / "bodies") == []
+    emptied.close()
+
+
+@pytest.mark.parametrize("crash", ["before the files", "after the files"])
+def test_a_takeover_interrupted_between_its_steps_is_repeated_without_loss_or_duplicate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: str) -> None:
+    queue_path = tmp_path / "queue"
+    worker_spool(queue_path, 1, "MOVE1", "MOVE2")
+    move = spool_module._move_body_files
+
+    def crashing(source: SpoolDB, target: SpoolDB) -> None:
+        if crash == "after the files":
+            move(source, target)
+        raise OSError("killed")
+
+    monkeypatch.setattr(spool_module, "_move_body_files", crashing)
+    with pytest.raises(OSError, match="killed"):
+        Spool.open(queue_path)
+    monkeypatch.undo()
+    # The rows are in both spools now; the lock went with the failed open.
+    spool = Spool.open(queue_path)  # the next start repeats the steps
+    try:
+        assert ids(spool) == ["MOVE1", "MOVE2"]
+        assert spool.db.data("MOVE1") == LARGE and spool.db.data("MOVE2") == LARGE
+        assert spool.db.quarantine_orphan_bodies() == []
+    finally:
+        asyncio.run(spool.close())
+    source = SpoolDB(queue_path / "worker-1", create=False)
+    assert source.list() == [] and names(queue_path / "worker-1" / "bodies") == []
+    source.close()
+    assert absorb_spool(SpoolDB(queue_path), queue_path / "worker-1") == 0  # nothing twice

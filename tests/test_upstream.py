@@ -207,6 +207,57 @@ def test_no_final_reply_within_data_timeout_is_an_unknown_outcome(
     assert still is not None and still.attempts == 1
 
 
+# -- a 421 mid-session, a connection lost after DATA --------------------------------------------
+
+def first_attempt(relay: ThreadRelay, queue_id: str) -> QueuedMessage:
+    found: QueuedMessage = wait_until(
+        lambda: (r := record_of(relay, queue_id)) and r.attempts >= 1 and r,
+        what=f"{queue_id}: first attempt recorded")
+    return found
+
+
+@pytest.mark.parametrize("stage", ["mail", "rcpt", "data"])
+def test_a_421_mid_session_closes_it_and_the_retry_reconnects(
+        fake_upstream: FakeUpstream, start_relay: StartRelay, stage: str) -> None:
+    relay = start_relay(fake_upstream, upstream={"connections": 1},
+                        queue={"retry_initial": "0.5s", "retry_max": "1s"})
+    fake_upstream.fail_next(stage, 421, "4.4.5 Too many connections")  # replies, then closes
+    queue_id = send(relay)
+    deferred = first_attempt(relay, queue_id)
+    assert deferred.state == "deferred", deferred.last_reply
+    assert deferred.last_reply == "421 4.4.5 Too many connections"
+    assert deferred.recipients[0].reply == "421 4.4.5 Too many connections"
+    record = final(relay, queue_id)
+    assert (record.state, record.attempts) == ("delivered", 2)
+    [received] = fake_upstream.wait_for(1)
+    # The session that answered 421 is gone; the new one stays pooled for the next message.
+    later = send(relay)
+    assert final(relay, later).state == "delivered"
+    assert fake_upstream.wait_for(2)[1].session_id == received.session_id
+
+
+def test_a_connection_lost_after_data_is_an_unknown_outcome(
+        fake_upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    relay = start_relay(fake_upstream, upstream={"connections": 1},
+                        queue={"retry_initial": "0.3s", "retry_max": "1s"})
+    fake_upstream.drop_next("data")  # reads the whole message, then closes without a reply
+    queue_id = send(relay)
+    deferred = first_attempt(relay, queue_id)
+    assert deferred.state == "deferred"
+    assert (deferred.last_reply or "").startswith(
+        "451 4.4.2 outcome unknown after the final dot: ")
+    # Not retried at once like a lost connection: no sooner than queue.retry_max.
+    assert deferred.next_attempt - deferred.updated >= 0.99
+    assert _metric(relay, "relay_upstream_unknown_outcomes_total") == 1.0
+    assert len(fake_upstream.dropped_messages) == 1 and fake_upstream.messages == []
+    # At least once: the retry sends it again, on a new session.
+    record = final(relay, queue_id)
+    assert (record.state, record.attempts) == ("delivered", 2)
+    [received] = fake_upstream.wait_for(1)
+    assert received.session_id != fake_upstream.dropped_messages[0].session_id
+    assert received.data == fake_upstream.dropped_messages[0].data
+
+
 def _metric(relay: ThreadRelay, name: str) -> float:
     text = relay.server.metrics.render().decode()
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
