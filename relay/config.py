@@ -2,6 +2,8 @@
 
 This is the only module that reads the config file or environment variables for settings.
 Every error names the exact key (``upstream.port: ...``) so that a user can fix it at once.
+Sections are read with ``relay.settings`` (paths, converters, "did you mean", defaults taken
+from the dataclass fields below), as the ``rules`` list is by ``relay.rules``.
 """
 
 from __future__ import annotations
@@ -11,24 +13,40 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, cast, get_args
 
 import yaml
 
 from relay.address import AddressError, check_mailbox
 from relay.errors import ConfigError
 from relay.infobip.regions import Region, find_region, region_names
+from relay.netaddr import IPNetwork, network_of
 from relay.passwords import check_hash_format
-from relay.rules import CLIENT_HEADER_POLICIES, Rule, compile_rules
+from relay.rules import CLIENT_HEADER_POLICIES, Rule, compile_rules, rule_path
+from relay.settings import (
+    Section,
+    boolean,
+    choice,
+    did_you_mean,
+    item_path,
+    join,
+    networks,
+    path_in,
+    positive_int,
+    string_list,
+)
+from relay.tlsconfig import server_context
 from relay.units import format_duration, format_size, parse_duration, parse_size
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ListenerTLS = Literal["none", "starttls", "implicit"]
 ListenerAuth = Literal["none", "optional", "required"]
 UpstreamTLS = Literal["starttls", "implicit"]
+NullSender = Literal["refuse", "rewrite"]
+LogFormat = Literal["text", "json"]
 
 # Infobip advertises SIZE 20971520; accepting more would only move the refusal to the upstream,
 # after the client was told 250.
@@ -36,6 +54,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 20 * 1024 * 1024
 DEFAULT_LISTEN = ("127.0.0.1", 2525)
 DEFAULT_METRICS = ("127.0.0.1", 9465)
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+_LOOPBACK = networks(LOOPBACK_NETWORKS)
 CONFIG_ENV = "INFOBIP_RELAY_CONFIG"
 
 
@@ -91,7 +110,7 @@ class UserConfig:
 
 @dataclass(frozen=True, slots=True)
 class AccessConfig:
-    trusted_networks: tuple[IPNetwork, ...]
+    trusted_networks: tuple[IPNetwork, ...] = _LOOPBACK
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_recipients: int = 100
     max_connections: int = 2000
@@ -101,17 +120,11 @@ class AccessConfig:
     allow_open_relay: bool = False
     # MAIL FROM:<> (bounces, delivery notices): Infobip needs a sender, so either refuse it or
     # send it as null_sender_address.
-    null_sender: Literal["refuse", "rewrite"] = "refuse"
+    null_sender: NullSender = "refuse"
     null_sender_address: str | None = None
 
     def is_trusted(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.trusted_networks)
+        return network_of(ip, self.trusted_networks) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +177,7 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
-    format: Literal["text", "json"] = "text"
+    format: LogFormat = "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,12 +252,10 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 def _expand_env(value: Any, env: Mapping[str, str], path: str) -> Any:
     """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the parsed YAML."""
     if isinstance(value, dict):
-        return {key: _expand_env(item, env, _join(path, str(key))) for key, item in value.items()}
+        return {key: _expand_env(item, env, join(path, str(key))) for key, item in value.items()}
     if isinstance(value, list):
-        # Rule paths count from 1, like the rule engine's own errors and default rule names.
-        start = 1 if path == "rules" else 0
-        return [_expand_env(item, env, f"{path}[{index}]")
-                for index, item in enumerate(value, start=start)]
+        return [_expand_env(item, env, _item_path(path, index, item, env))
+                for index, item in enumerate(value)]
     if isinstance(value, str) and "${" in value:
 
         def substitute(match: re.Match[str]) -> str:
@@ -259,60 +270,17 @@ def _expand_env(value: Any, env: Mapping[str, str], path: str) -> Any:
     return value
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-class _Section:
-    """A mapping being read: tracks the path for errors and refuses unknown keys."""
-
-    def __init__(self, raw: object, path: str) -> None:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(path, f"expected a mapping, got {_describe(raw)}")
-        self.raw: dict[str, Any] = raw
-        self.path = path
-        self._seen: set[str] = set()
-
-    def has(self, key: str) -> bool:
-        return self.raw.get(key) is not None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self._seen.add(key)
-        value = self.raw.get(key)
-        return default if value is None else value
-
-    def at(self, key: str) -> str:
-        return _join(self.path, key)
-
-    def convert(self, key: str, default: Any, parse: Callable[[Any], Any]) -> Any:
-        value = self.get(key)
-        if value is None:
-            return default
-        try:
-            return parse(value)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(self.at(key), str(exc)) from None
-
-    def finish(self) -> None:
-        unknown = [key for key in self.raw if key not in self._seen]
-        if unknown:
-            known = ", ".join(sorted(self._seen))
-            raise ConfigError(self.at(str(unknown[0])), f"unknown setting (known here: {known})")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"{type(value).__name__} {value!r}"
+def _item_path(path: str, index: int, item: Any, env: Mapping[str, str]) -> str:
+    """``listeners[0]``; a rule's path also names it, exactly as the rules compiler does."""
+    if path != "rules":
+        return item_path(path, index)
+    name = item.get("name") if isinstance(item, dict) else None
+    return rule_path(path, index, _expand_env(name, env, f"{item_path(path, index)}.name"))
 
 
 def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
            base_dir: Path | None = None) -> Config:
-    top = _Section(raw, "")
+    top = Section(raw, "", model=Config, env=env)
     access = _build_access(top.get("access"), env)
     listeners = _build_listeners(top.get("listeners"), env, base_dir)
     users = _build_users(top.get("users"))
@@ -321,9 +289,9 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
     metrics = _build_metrics(top.get("metrics"), env)
     logging_config = _build_logging(top.get("logging"))
     rules = compile_rules(top.get("rules"), "rules")
-    hostname = top.convert("hostname", socket.gethostname() or "localhost", _hostname)
-    grace = top.convert("grace_period", 30.0, parse_duration)
-    workers = top.convert("workers", env.get("RELAY_WORKERS") or 1, _workers)
+    hostname = top.convert("hostname", _hostname, socket.gethostname() or top.default("hostname"))
+    grace = top.convert("grace_period", parse_duration)
+    workers = top.convert("workers", _workers, var="RELAY_WORKERS")
     top.finish()
     config = Config(
         listeners=listeners, access=access, upstream=upstream, queue=queue, rules=rules,
@@ -337,7 +305,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
 def _workers(value: object) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return max(1, min(os.cpu_count() or 1, 64))
-    count = _positive_int(value)
+    count = positive_int(value)
     if count > 64:
         raise ValueError("at most 64 workers")
     return count
@@ -356,98 +324,39 @@ def _host_port(value: str, what: str) -> tuple[str, int]:
     if not match:
         raise ConfigError(what, f"expected host:port, got {value!r}")
     host = match.group(1) or match.group(3) or "0.0.0.0"
-    return host, _port(match.group(2) or match.group(4), what, allow_zero=True)
+    try:
+        return host, _port(match.group(2) or match.group(4), allow_zero=True)
+    except ValueError as exc:
+        raise ConfigError(what, str(exc)) from None
 
 
-def _port(value: object, path: str, *, allow_zero: bool = False) -> int:
+def _port(value: object, *, allow_zero: bool = False) -> int:
     try:
         if isinstance(value, bool):
             raise ValueError
         port = int(str(value))
     except ValueError:
-        raise ConfigError(path, f"expected a port number, got {value!r}") from None
+        raise ValueError(f"expected a port number, got {value!r}") from None
     if not (0 if allow_zero else 1) <= port <= 65535:
-        raise ConfigError(path, f"port {port} is out of range 1-65535")
+        raise ValueError(f"port {port} is out of range 1-65535")
     return port
 
 
-def _positive_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"expected a whole number, got {value!r}")
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"must be at least 1, got {number}")
-    return number
-
-
-def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        text = str(value).strip()
-        text = text.upper() if upper else text.lower()
-        if text not in options:
-            raise ValueError(f"must be one of {', '.join(options)}, got {value!r}")
-        return text
-
-    return parse
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    # `${VAR}` expansion yields strings: accept their spelling of a YAML boolean.
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _string_list(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return tuple(value)
-    raise ValueError(f"expected a string or a list of strings, got {_describe(value)}")
-
-
-def _networks(value: Any) -> tuple[IPNetwork, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list | tuple):
-        raise ValueError(f"expected a list of networks such as 10.0.0.0/8, got {_describe(value)}")
-    networks = []
-    for item in items:
-        try:
-            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"not a network (CIDR) or address: {item!r}") from None
-    return tuple(networks)
-
-
-def _path(base_dir: Path | None) -> Callable[[Any], Path]:
-    def parse(value: Any) -> Path:
-        path = Path(str(value)).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        return path
-
-    return parse
+_listen_port = partial(_port, allow_zero=True)
 
 
 def _build_access(raw: object, env: Mapping[str, str]) -> AccessConfig:
-    section = _Section(raw, "access")
-    try:
-        default_networks = _networks(env.get("RELAY_TRUSTED_NETWORKS")
-                                     or list(LOOPBACK_NETWORKS))
-    except ValueError as exc:
-        raise ConfigError("RELAY_TRUSTED_NETWORKS", str(exc)) from None
+    section = Section(raw, "access", model=AccessConfig, env=env)
     access = AccessConfig(
-        trusted_networks=section.convert("trusted_networks", default_networks, _networks),
-        max_message_size=section.convert("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, parse_size),
-        max_recipients=section.convert("max_recipients", 100, _positive_int),
-        max_connections=section.convert("max_connections", 2000, _positive_int),
-        max_connections_per_client=section.convert("max_connections_per_client", 500,
-                                                   _positive_int),
-        command_timeout=section.convert("command_timeout", 300.0, parse_duration),
-        data_timeout=section.convert("data_timeout", 600.0, parse_duration),
-        allow_open_relay=section.convert("allow_open_relay", False, _bool),
+        trusted_networks=section.convert("trusted_networks", networks,
+                                         var="RELAY_TRUSTED_NETWORKS"),
+        max_message_size=section.convert("max_message_size", parse_size),
+        max_recipients=section.convert("max_recipients", positive_int),
+        max_connections=section.convert("max_connections", positive_int),
+        max_connections_per_client=section.convert("max_connections_per_client", positive_int),
+        command_timeout=section.convert("command_timeout", parse_duration),
+        data_timeout=section.convert("data_timeout", parse_duration),
+        allow_open_relay=section.convert("allow_open_relay", boolean),
         **_null_sender_policy(section),
     )
     section.finish()
@@ -456,10 +365,10 @@ def _build_access(raw: object, env: Mapping[str, str]) -> AccessConfig:
     return access
 
 
-def _null_sender_policy(section: _Section) -> dict[str, Any]:
-    address = section.convert("null_sender_address", None, _mailbox)
-    policy = section.convert("null_sender", "rewrite" if address else "refuse",
-                             _choice(("refuse", "rewrite")))
+def _null_sender_policy(section: Section) -> dict[str, Any]:
+    address = section.convert("null_sender_address", _mailbox)
+    policy = section.convert("null_sender", choice(*get_args(NullSender)),
+                             "rewrite" if address else section.default("null_sender"))
     if policy == "rewrite" and not address:
         raise ConfigError(section.at("null_sender_address"),
                           "required when null_sender is rewrite (e.g. postmaster@example.com)")
@@ -486,19 +395,19 @@ def _build_listeners(raw: object, env: Mapping[str, str],
         return (ListenerConfig(name="local", address=address, port=port),)
     if not isinstance(raw, list) or not raw:
         raise ConfigError("listeners", "expected a non-empty list of listeners")
-    listeners = tuple(_build_listener(item, f"listeners[{index}]", base_dir)
+    listeners = tuple(_build_listener(item, item_path("listeners", index), base_dir)
                       for index, item in enumerate(raw))
     seen: set[str] = set()
     for index, listener in enumerate(listeners):
         if listener.name in seen:
-            raise ConfigError(f"listeners[{index}].name",
+            raise ConfigError(f"{item_path('listeners', index)}.name",
                               f"duplicate listener name {listener.name!r}")
         seen.add(listener.name)
     return listeners
 
 
 def _build_listener(raw: object, path: str, base_dir: Path | None) -> ListenerConfig:
-    section = _Section(raw, path)
+    section = Section(raw, path, model=ListenerConfig)
     default_name = f"listener{path[path.index('[') + 1:-1]}"
     name = str(section.get("name", default_name))
     address = str(section.get("address", DEFAULT_LISTEN[0]))
@@ -509,15 +418,13 @@ def _build_listener(raw: object, path: str, base_dir: Path | None) -> ListenerCo
             raise ConfigError(section.at("address"),
                               f"expected an IP address to bind (0.0.0.0, ::, 127.0.0.1), "
                               f"got {address!r}") from None
-    port = _port(section.get("port", DEFAULT_LISTEN[1]), section.at("port"), allow_zero=True)
-    tls = cast(ListenerTLS, section.convert("tls", "none", _choice(("none", "starttls",
-                                                                     "implicit"))))
-    certificate = section.convert("certificate", None, _path(base_dir))
-    private_key = section.convert("private_key", None, _path(base_dir))
-    auth = cast(ListenerAuth, section.convert("auth", "none", _choice(("none", "optional",
-                                                                        "required"))))
-    client_headers = section.convert("client_headers", "fix", _choice(CLIENT_HEADER_POLICIES))
-    allowed = section.convert("allowed_senders", (), _string_list)
+    port = section.convert("port", _listen_port, DEFAULT_LISTEN[1])
+    tls = cast(ListenerTLS, section.convert("tls", choice(*get_args(ListenerTLS))))
+    certificate = section.convert("certificate", path_in(base_dir))
+    private_key = section.convert("private_key", path_in(base_dir))
+    auth = cast(ListenerAuth, section.convert("auth", choice(*get_args(ListenerAuth))))
+    client_headers = section.convert("client_headers", choice(*CLIENT_HEADER_POLICIES))
+    allowed = section.convert("allowed_senders", string_list)
     section.finish()
     if tls != "none":
         _check_certificate(certificate, private_key, path)
@@ -538,8 +445,7 @@ def _check_certificate(certificate: Path | None, private_key: Path | None, path:
         if not file.is_file():
             raise ConfigError(f"{path}.{key}", f"file not found: {file}")
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            str(certificate), str(private_key))
+        server_context(certificate, private_key)
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}.certificate", f"file not found: {exc.filename}") from None
     except (ssl.SSLError, OSError) as exc:
@@ -555,7 +461,7 @@ def _build_users(raw: object) -> tuple[UserConfig, ...]:
     users = []
     seen: set[str] = set()
     for index, item in enumerate(raw):
-        section = _Section(item, f"users[{index}]")
+        section = Section(item, item_path("users", index), model=UserConfig)
         name = section.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(section.at("name"), "required: the user name clients log in with")
@@ -567,7 +473,7 @@ def _build_users(raw: object) -> tuple[UserConfig, ...]:
             check_hash_format(password_hash)
         except ValueError as exc:
             raise ConfigError(section.at("password_hash"), str(exc)) from None
-        allowed = section.convert("allowed_senders", (), _string_list)
+        allowed = section.convert("allowed_senders", string_list)
         section.finish()
         users.append(UserConfig(name=name, password_hash=Secret(password_hash),
                                 allowed_senders=allowed))
@@ -575,31 +481,28 @@ def _build_users(raw: object) -> tuple[UserConfig, ...]:
 
 
 def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) -> UpstreamConfig:
-    section = _Section(raw, "upstream")
-    region = _resolve_region(section, env)
-    host = section.get("host") or env.get("INFOBIP_SMTP_HOST") or (region.host if region else None)
-    if not host:
-        raise ConfigError(section.at("host"), "required when no region is given")
-    host = str(host)
-    default_port = env.get("INFOBIP_SMTP_PORT") or 587
-    port = _port(section.get("port", default_port), section.at("port"))
-    tls_choice = section.convert("tls", env.get("INFOBIP_SMTP_TLS") or "auto",
-                                 _choice(("auto", "starttls", "implicit", "none")))
+    section = Section(raw, "upstream", model=UpstreamConfig, env=env)
+    region = section.convert("region", _region, _region(section.default("region")),
+                             var="INFOBIP_REGION")
+    host = str(section.get("host") or env.get("INFOBIP_SMTP_HOST") or region.host)
+    port = section.convert("port", _port, 587, var="INFOBIP_SMTP_PORT")
+    tls_choice = section.convert("tls", choice("auto", "starttls", "implicit", "none"), "auto",
+                                 var="INFOBIP_SMTP_TLS")
     tls = _upstream_tls(tls_choice, port, section)
     host_overridden = section.has("host") or bool(env.get("INFOBIP_SMTP_HOST"))
-    if region is not None and not host_overridden and port not in region.ports:
+    if not host_overridden and port not in region.ports:
         offered = " and ".join(str(p) for p in region.ports)
         raise ConfigError(section.at("port"),
                           f"region {region.name} ({region.host}) offers port {offered} only, "
                           f"not {port}")
     username = str(section.get("username", "App"))
     password = _upstream_password(section, env, base_dir)
-    mechanism = section.convert("auth_mechanism", "auto", _auth_mechanism)
-    connections = section.convert("connections", 8, _positive_int)
-    ca_file = section.convert("ca_file", None, _path(base_dir))
-    timeout = section.convert("timeout", 60.0, parse_duration)
-    idle_timeout = section.convert("idle_timeout", 60.0, parse_duration)
-    data_timeout = section.convert("data_timeout", 600.0, parse_duration)
+    mechanism = section.convert("auth_mechanism", _auth_mechanism)
+    connections = section.convert("connections", positive_int)
+    ca_file = section.convert("ca_file", path_in(base_dir))
+    timeout = section.convert("timeout", parse_duration)
+    idle_timeout = section.convert("idle_timeout", parse_duration)
+    data_timeout = section.convert("data_timeout", parse_duration)
     section.finish()
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError("upstream.ca_file", f"file not found: {ca_file}")
@@ -607,10 +510,10 @@ def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) 
         raise ConfigError("upstream.connections", "at most 256 connections")
     return UpstreamConfig(
         host=host, port=port, tls=tls, username=username, password=password,
-        region=region.name if region else None, auth_mechanism=mechanism,
+        region=region.name, auth_mechanism=mechanism,
         connections=connections, ca_file=ca_file, timeout=timeout, idle_timeout=idle_timeout,
         data_timeout=data_timeout,
-        password_file=section.convert("password_file", None, _path(base_dir)),
+        password_file=section.convert("password_file", path_in(base_dir)),
     )
 
 
@@ -621,22 +524,21 @@ def _auth_mechanism(value: Any) -> Literal["auto", "PLAIN", "LOGIN"]:
     return "auto" if text == "AUTO" else cast(Literal["PLAIN", "LOGIN"], text)
 
 
-def _resolve_region(section: _Section, env: Mapping[str, str]) -> Region | None:
-    name = section.get("region") or env.get("INFOBIP_REGION") or "europe"
-    region = find_region(str(name))
+def _region(value: Any) -> Region:
+    region = find_region(str(value))
     if region is None:
-        raise ConfigError(section.at("region"),
-                          f"unknown region {name!r}; valid: {', '.join(region_names())} "
-                          f"(see `infobip-relay regions`)")
+        hint = did_you_mean(str(value), region_names())
+        raise ValueError(f"unknown region {value!r}{hint}; valid: {', '.join(region_names())} "
+                         f"(see `infobip-relay regions`)")
     return region
 
 
-def _upstream_tls(choice: str, port: int, section: _Section) -> UpstreamTLS:
-    if choice == "none":
+def _upstream_tls(tls: str, port: int, section: Section) -> UpstreamTLS:
+    if tls == "none":
         raise ConfigError(section.at("tls"),
                           "TLS to Infobip is mandatory: use auto, starttls or implicit")
-    if choice != "auto":
-        return cast(UpstreamTLS, choice)
+    if tls != "auto":
+        return cast(UpstreamTLS, tls)
     if port == 465:
         return "implicit"
     if port == 587:
@@ -646,10 +548,10 @@ def _upstream_tls(choice: str, port: int, section: _Section) -> UpstreamTLS:
                       f"set tls: starttls or tls: implicit")
 
 
-def _upstream_password(section: _Section, env: Mapping[str, str],
+def _upstream_password(section: Section, env: Mapping[str, str],
                        base_dir: Path | None) -> Secret:
     password = section.get("password")
-    password_file = section.convert("password_file", None, _path(base_dir))
+    password_file = section.convert("password_file", path_in(base_dir))
     if password is not None and password_file is not None:
         raise ConfigError(section.at("password_file"), "give password or password_file, not both")
     if password_file is not None:
@@ -672,16 +574,18 @@ def _upstream_password(section: _Section, env: Mapping[str, str],
 
 def _build_queue(raw: object, env: Mapping[str, str], base_dir: Path | None,
                  max_message_size: int) -> QueueConfig:
-    section = _Section(raw, "queue")
+    section = Section(raw, "queue", model=QueueConfig)
+    # The environment's path is taken as given (from the working directory), the file's from
+    # the file's directory.
     default_path = Path(env.get("RELAY_QUEUE_PATH") or "./spool")
     queue = QueueConfig(
-        path=section.convert("path", default_path, _path(base_dir)),
-        max_age=section.convert("max_age", 5 * 86400.0, parse_duration),
-        retry_initial=section.convert("retry_initial", 30.0, parse_duration),
-        retry_max=section.convert("retry_max", 1800.0, parse_duration),
-        keep_delivered=section.convert("keep_delivered", 86400.0, parse_duration),
-        auth_retry=section.convert("auth_retry", 300.0, parse_duration),
-        min_free_space=section.convert("min_free_space", max_message_size * 3 // 2, parse_size),
+        path=section.convert("path", path_in(base_dir), default_path),
+        max_age=section.convert("max_age", parse_duration),
+        retry_initial=section.convert("retry_initial", parse_duration),
+        retry_max=section.convert("retry_max", parse_duration),
+        keep_delivered=section.convert("keep_delivered", parse_duration),
+        auth_retry=section.convert("auth_retry", parse_duration),
+        min_free_space=section.convert("min_free_space", parse_size, max_message_size * 3 // 2),
     )
     section.finish()
     if queue.retry_initial <= 0:
@@ -694,24 +598,24 @@ def _build_queue(raw: object, env: Mapping[str, str], base_dir: Path | None,
 def _build_metrics(raw: object, env: Mapping[str, str]) -> MetricsConfig:
     if raw is False:
         return MetricsConfig(enabled=False)
-    section = _Section(raw, "metrics")
-    address, port = DEFAULT_METRICS
+    section = Section(raw, "metrics", model=MetricsConfig)
+    address, port = section.default("address"), section.default("port")
     if env.get("RELAY_METRICS_LISTEN"):
         address, port = _host_port(env["RELAY_METRICS_LISTEN"], "RELAY_METRICS_LISTEN")
     metrics = MetricsConfig(
         address=str(section.get("address", address)),
-        port=_port(section.get("port", port), section.at("port"), allow_zero=True),
-        enabled=section.convert("enabled", True, _bool),
+        port=section.convert("port", _listen_port, port),
+        enabled=section.convert("enabled", boolean),
     )
     section.finish()
     return metrics
 
 
 def _build_logging(raw: object) -> LoggingConfig:
-    section = _Section(raw, "logging")
+    section = Section(raw, "logging", model=LoggingConfig)
     config = LoggingConfig(
-        level=section.convert("level", "info", _choice(("debug", "info", "warning", "error"))),
-        format=section.convert("format", "text", _choice(("text", "json"))),
+        level=section.convert("level", choice("debug", "info", "warning", "error")),
+        format=section.convert("format", choice(*get_args(LogFormat))),
     )
     section.finish()
     return config
@@ -721,7 +625,7 @@ def _check_relay_policy(config: Config) -> None:
     """Refuse configurations that would make an open relay or lock every client out."""
     too_wide = overly_public_networks(config.access.trusted_networks)
     for index, listener in enumerate(config.listeners):
-        path = f"listeners[{index}]"
+        path = item_path("listeners", index)
         if listener.auth != "none" and not config.users:
             raise ConfigError(f"{path}.auth", f"auth: {listener.auth} needs at least one entry "
                                               "in users:")
@@ -801,9 +705,6 @@ def redacted(config: Config) -> dict[str, Any]:
     return cast(dict[str, Any], _plain(config))
 
 
-T = TypeVar("T")
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, Secret):
         return "********" if value else ""
@@ -841,7 +742,7 @@ def iter_secret_values(config: Config) -> Iterator[str]:
 def permission_warnings(config: Config) -> list[str]:
     """Secret files that other users can read or change: one line each, never the secret."""
     files = [("upstream.password_file", config.upstream.password_file)]
-    files += [(f"listeners[{index}].private_key", listener.private_key)
+    files += [(f"{item_path('listeners', index)}.private_key", listener.private_key)
               for index, listener in enumerate(config.listeners)]
     warnings = []
     for key, path in files:

@@ -177,7 +177,8 @@ def test_check_config_uses_infobip_relay_config(tmp_path: Path, monkeypatch: pyt
     ("upstream: {tls: none}\n", "upstream.tls"),
     ("upstream:\n  port: [587\n", "line 3, column 1"),
     ("listeners: [{name: pub, address: 0.0.0.0}]\n", "listeners[0]"),
-    ("rules: [{when: {mail_from: '*@x'}, set: {X-IB-Client-Prio: LOW}}]\n", "rules[1].set"),
+    ("rules: [{when: {mail_from: '*@x'}, set: {X-IB-Client-Prio: LOW}}]\n",
+     'rules[0] ("rule 1").set'),
 ])
 def test_check_config_error_is_one_line_with_the_path(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -410,7 +411,7 @@ def test_rules_test_bad_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     message = write(tmp_path / "msg.eml", MESSAGE)
     code, _, err = run(capsys, "rules", "test", "-c", str(config), str(message))
     assert code == 1
-    assert_one_line_error(err, "rules[1]", "mail_frm")
+    assert_one_line_error(err, "rules[0]", "mail_frm")
 
 
 # --------------------------------------------------------------------------- reload

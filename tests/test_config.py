@@ -237,12 +237,20 @@ def test_missing_env_var_in_a_list_names_the_index(tmp_path: Path) -> None:
     assert "BIND_ADDRESS" in str(error)
 
 
-def test_missing_env_var_in_a_rule_uses_the_rule_numbering(tmp_path: Path) -> None:
+def test_missing_env_var_in_a_rule_uses_the_rule_path(tmp_path: Path) -> None:
     error = load_error(tmp_path, """
         rules:
           - set: {X-IB-Bulk-Id: "${BULK_ID}"}
+          - name: "${TEAM:-ops} alerts"
+            set: {X-IB-Bulk-Id: "${BULK_ID}"}
     """)
-    assert_path(error, "rules[1].set.X-IB-Bulk-Id")
+    assert_path(error, 'rules[0] ("rule 1").set.X-IB-Bulk-Id')
+    error = load_error(tmp_path, """
+        rules:
+          - name: "${TEAM:-ops} alerts"
+            set: {X-IB-Bulk-Id: "${BULK_ID}"}
+    """)
+    assert_path(error, 'rules[0] ("ops alerts").set.X-IB-Bulk-Id')
 
 
 def test_boolean_setting_from_env_var(tmp_path: Path) -> None:
@@ -252,6 +260,67 @@ def test_boolean_setting_from_env_var(tmp_path: Path) -> None:
     """)
     assert config.access.allow_open_relay is False
     assert config.metrics.enabled is True
+
+
+def test_rule_settings_take_env_var_strings_like_the_rest_of_the_config(tmp_path: Path) -> None:
+    # Issue 9: `stop: ${STOP}` was refused ("must be true or false, got 'true'") while
+    # `allow_open_relay: ${X}` was accepted. Both read their values with relay.settings now.
+    config = load(tmp_path, """
+        access: {allow_open_relay: "${STOP}"}
+        rules:
+          - {name: first, stop: "${STOP}"}
+          - name: second
+            when: {size_over: "${SIZE}", client: "${NETS}"}
+            remove: X-Internal
+            stop: "${NO}"
+    """, {**ENV, "STOP": "true", "NO": "False", "SIZE": "1MiB", "NETS": "10.0.0.0/8, ::1"})
+    assert config.access.allow_open_relay is True
+    first, second = config.rules
+    assert (first.stop, second.stop) == (True, False)
+
+
+def test_env_var_defaults_are_parsed_and_their_errors_name_the_variable(tmp_path: Path) -> None:
+    config = load_config(None, {**ENV, "RELAY_WORKERS": "4", "INFOBIP_SMTP_TLS": "IMPLICIT",
+                                "INFOBIP_SMTP_PORT": "465"})
+    assert (config.workers, config.upstream.tls) == (4, "implicit")
+    assert load(tmp_path, "workers: 2\n", {**ENV, "RELAY_WORKERS": "4"}).workers == 2
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {**ENV, "RELAY_WORKERS": "lots"})
+    assert_path(info.value, "RELAY_WORKERS (default of workers)")
+
+
+def test_left_out_settings_take_the_dataclass_defaults(tmp_path: Path) -> None:
+    config = load(tmp_path, "")
+    assert config.access == relay.config.AccessConfig()
+    assert config.metrics == relay.config.MetricsConfig()
+    assert config.logging == relay.config.LoggingConfig()
+    defaults = relay.config.QueueConfig(path=config.queue.path,
+                                        min_free_space=config.queue.min_free_space)
+    assert config.queue == defaults
+    assert (config.grace_period, config.workers) == (30.0, 1)
+
+
+@pytest.mark.parametrize(("text", "path", "hint"), [
+    ("upstream: {hots: x}", "upstream.hots", "did you mean host?"),
+    ("acess: {}", "acess", "did you mean access?"),
+    ("listeners: [{name: a, client_header: fix}]", "listeners[0].client_header",
+     "did you mean client_headers?"),
+    ("queue: {max_age: 1d, retry_inital: 1m}", "queue.retry_inital", "did you mean retry_initial?"),
+    ("listeners: [{name: a, tls: startls}]", "listeners[0].tls", "did you mean starttls?"),
+    ("upstream: {region: eurpoe}", "upstream.region", "did you mean europe?"),
+])
+def test_typos_get_a_suggestion(tmp_path: Path, text: str, path: str, hint: str) -> None:
+    error = load_error(tmp_path, text + "\n")
+    assert_path(error, path)
+    assert hint in error.message
+
+
+def test_trusted_networks_see_mapped_and_scoped_addresses_like_rules(tmp_path: Path) -> None:
+    # One check (relay.netaddr.network_of) for access and for the rules' `client` condition.
+    config = load(tmp_path, 'access: {trusted_networks: "10.0.0.0/8, fe80::/10"}\n')
+    for ip in ("10.1.2.3", "::ffff:10.1.2.3", "fe80::1%eth0"):
+        assert config.access.is_trusted(ip)
+    assert not config.access.is_trusted("::ffff:192.0.2.1")
 
 
 # --------------------------------------------------------------------------- bad values -> paths
@@ -803,16 +872,18 @@ def test_rules_are_compiled(tmp_path: Path) -> None:
             set: {X-IB-Client-Priority: LOW}
     """)
     (rule,) = config.rules
-    assert (rule.name, rule.index) == ("newsletters", 1)
+    assert (rule.name, rule.index) == ("newsletters", 0)
 
 
 @pytest.mark.parametrize(("rules", "path"), [
     ("rules: {name: x}", "rules"),
-    ("rules: [{when: {mail_from: '*@x'}}]", "rules[1]"),
+    ("rules: [{when: {mail_from: '*@x'}}]", 'rules[0] ("rule 1")'),
     ("rules: [{set: {X-IB-Client-Priority: LOW}}, {set: {X-IB-Client-Prio: LOW}}]",
-     "rules[2].set"),
-    ("rules: [{when: {subject: 're:('}, set: {X-IB-Track: true}}]", "rules[1].when.subject"),
-    ("rules: [{when: {sender: a}, set: {X-IB-Track: true}}]", "rules[1].when.sender"),
+     'rules[1] ("rule 2").set'),
+    ("rules: [{when: {subject: 're:('}, set: {X-IB-Track: true}}]",
+     'rules[0] ("rule 1").when.subject'),
+    ("rules: [{name: n, when: {sender: a}, set: {X-IB-Track: true}}]",
+     'rules[0] ("n").when.sender'),
 ])
 def test_rule_errors_surface_with_the_rule_path(tmp_path: Path, rules: str, path: str) -> None:
     error = load_error(tmp_path, rules + "\n")

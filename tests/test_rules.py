@@ -14,19 +14,19 @@ from hypothesis import strategies as st
 from relay.envelope import MessageContext
 from relay.errors import ConfigError
 from relay.headers import HeaderBlock, split
+from relay.infobip.headers import IB_HEADERS, canonical_header_name, validate_header_value
 from relay.rules import (
     CLIENT_HEADER_POLICIES,
-    IB_HEADERS,
     Rule,
     RulesOutcome,
     apply_rules,
-    canonical_header_name,
     compile_rules,
     render_rules_report,
-    validate_header_value,
 )
 
 ONE = "List-Unsubscribe=One-Click"
+# The path of an unnamed first rule: indexes count from 0, default names from 1.
+FIRST = 'rules[0] ("rule 1")'
 RECEIVED = datetime(2024, 3, 5, 7, 8, 9, 123456, tzinfo=UTC)
 
 ISSUE_RULES = """
@@ -135,7 +135,7 @@ def test_issue_example_error_message() -> None:
     raw = yaml.safe_load(ISSUE_RULES)["rules"]
     raw[1]["set"]["X-IB-Client-Priority"] = "URGENT"
     assert config_error(raw) == (
-        "rules[2] (password resets go first).set.X-IB-Client-Priority: "
+        'rules[1] ("password resets go first").set.X-IB-Client-Priority: '
         "must be one of HIGH, STANDARD, LOW, got 'URGENT'"
     )
 
@@ -147,12 +147,12 @@ def test_none_means_no_rules() -> None:
     assert compile_rules(None) == ()
 
 
-def test_default_names_and_indexes_are_one_based() -> None:
+def test_indexes_count_from_zero_and_default_names_from_one() -> None:
     rules = compile_rules([{"stop": True}, {"name": " named ", "stop": True}, {"stop": True}])
     assert [(rule.index, rule.name) for rule in rules] == [
-        (1, "rule 1"),
-        (2, "named"),
-        (3, "rule 3"),
+        (0, "rule 1"),
+        (1, "named"),
+        (2, "rule 3"),
     ]
 
 
@@ -166,35 +166,35 @@ def test_rules_are_frozen() -> None:
     ("raw", "expected"),
     [
         ({"a": 1}, "rules: must be a list of rules, got dict"),
-        (["x"], "rules[1]: must be a mapping"),
-        ([{"when": {"mail_from": "*"}}], "rules[1]: needs at least one action"),
-        ([{"name": "n", "set": {}}], "rules[1] (n): needs at least one action"),
-        ([{"stop": False}], "rules[1]: needs at least one action"),
-        ([{"stop": "yes"}], "rules[1].stop: must be true or false, got 'yes'"),
-        ([{"name": "", "stop": True}], "rules[1].name: must be a non-empty string"),
-        ([{"name": 5, "stop": True}], "rules[1].name: must be a non-empty string"),
-        ([{"stop": True, "defaults": {}}], "rules[1].defaults: unknown key; did you mean default?"),
-        ([{"stop": True, "colour": 1}], "rules[1].colour: unknown key; expected one of name, when"),
+        (["x"], f"{FIRST}: must be a mapping"),
+        ([{"when": {"mail_from": "*"}}], f"{FIRST}: needs at least one action"),
+        ([{"name": "n", "set": {}}], 'rules[0] ("n"): needs at least one action'),
+        ([{"stop": False}], f"{FIRST}: needs at least one action"),
+        ([{"stop": "yes"}], f"{FIRST}.stop: must be true or false, got 'yes'"),
+        ([{"name": "", "stop": True}], "rules[0].name: must be a non-empty string"),
+        ([{"name": 5, "stop": True}], "rules[0].name: must be a non-empty string"),
+        ([{"stop": True, "defaults": {}}], f"{FIRST}.defaults: unknown key; did you mean default?"),
+        ([{"stop": True, "colour": 1}], f"{FIRST}.colour: unknown key; expected one of name, when"),
         (
             [{"when": {"mailfrom": "x"}, "stop": True}],
-            "rules[1].when.mailfrom: unknown key; did you mean mail_from?",
+            f"{FIRST}.when.mailfrom: unknown key; did you mean mail_from?",
         ),
-        ([{"when": ["x"], "stop": True}], "rules[1].when: must be a mapping of conditions"),
-        ([{"set": ["X-A"]}], "rules[1].set: must be a mapping of header: value, got list"),
-        ([{"set": {"X-A": None}}], "rules[1].set.X-A: must be a string, number or boolean"),
-        ([{"set": {"X-A": [1]}}], "rules[1].set.X-A: must be a string, number or boolean"),
-        ([{"set": {5: "x"}}], "rules[1].set.5: header names must be strings"),
+        ([{"when": ["x"], "stop": True}], f"{FIRST}.when: must be a mapping of conditions"),
+        ([{"set": ["X-A"]}], f"{FIRST}.set: must be a mapping of header: value, got list"),
+        ([{"set": {"X-A": None}}], f"{FIRST}.set.X-A: must be a string, number or boolean"),
+        ([{"set": {"X-A": [1]}}], f"{FIRST}.set.X-A: must be a string, number or boolean"),
+        ([{"set": {5: "x"}}], f"{FIRST}.set.5: header names must be strings"),
         (
             [{"name": "a", "stop": True}, {"name": "a", "stop": True}],
-            "rules[2]: duplicate rule name 'a' (also rules[1])",
+            "rules[1] (\"a\"): duplicate rule name 'a' (also rules[0])",
         ),
         (
             [{"set": {"X-IB-Track": True, "x-ib-track": False}}],
-            "rules[1].set.x-ib-track: header given twice",
+            f"{FIRST}.set.x-ib-track: header given twice",
         ),
         (
             [{"set": {"X-A": "1"}, "default": {"x-a": "2"}}],
-            "rules[1].default.x-a: is also in set",
+            f"{FIRST}.default.x-a: is also in set",
         ),
     ],
 )
@@ -212,6 +212,12 @@ def test_compiling_the_same_config_twice_gives_equal_rules() -> None:
 
 def test_stop_alone_is_an_action() -> None:
     assert compile_one({"stop": True}).stop
+
+
+@pytest.mark.parametrize(("written", "stop"), [("true", True), (" TRUE ", True), ("false", False)])
+def test_stop_accepts_what_env_var_expansion_yields(written: str, stop: bool) -> None:
+    # `stop: ${STOP}` gives a string; it was refused although `allow_open_relay: ${X}` was not.
+    assert compile_one({"stop": written, "remove": "X-A"}).stop is stop
 
 
 # --- compiling: header names ---------------------------------------------------------------
@@ -246,7 +252,7 @@ def test_other_valid_names_keep_their_spelling() -> None:
 )
 def test_unknown_infobip_header_suggests_the_closest(name: str, suggestion: str) -> None:
     error = config_error([{"set": {name: "x"}}])
-    assert error == f"rules[1].set.{name}: unknown Infobip header {name!r}; {suggestion}"
+    assert error == f"{FIRST}.set.{name}: unknown Infobip header {name!r}; {suggestion}"
 
 
 def test_unknown_infobip_header_without_close_match() -> None:
@@ -343,7 +349,7 @@ def test_invalid_values_are_config_errors_naming_rule_and_key(
     name: str, value: str, message_start: str
 ) -> None:
     error = config_error([{"name": "r", "default": {name: value}}])
-    assert error.startswith(f"rules[1] (r).default.{name}: ")
+    assert error.startswith(f'rules[0] ("r").default.{name}: ')
     assert message_start in error
 
 
@@ -429,7 +435,7 @@ def test_naive_received_at_is_taken_as_utc() -> None:
 )
 def test_template_errors(template: str, message_part: str) -> None:
     error = config_error([{"set": {"X-Tag": template}}])
-    assert error.startswith("rules[1].set.X-Tag: ")
+    assert error.startswith(f"{FIRST}.set.X-Tag: ")
     assert message_part in error
 
 
@@ -474,7 +480,7 @@ def test_substituted_values_cannot_inject_headers() -> None:
 @pytest.mark.parametrize("value", ["a\r\nb", "a\nb", "a\rb", "a\0b"])
 def test_literal_values_with_line_breaks_are_config_errors(value: str) -> None:
     assert config_error([{"set": {"X-A": value}}]) == (
-        "rules[1].set.X-A: must not contain CR, LF or NUL characters"
+        f"{FIRST}.set.X-A: must not contain CR, LF or NUL characters"
     )
 
 
@@ -505,6 +511,7 @@ CONDITIONS = [
     ({"rcpt_to": "dave@*"}, {}, False),
     ({"client": "10.0.0.0/8"}, {}, True),
     ({"client": ["192.168.0.0/16", "10.1.2.3"]}, {}, True),
+    ({"client": "192.168.0.0/16, 10.1.2.3"}, {}, True),  # like access.trusted_networks
     ({"client": "10.1.2.4"}, {}, False),
     ({"client": "2001:db8::/32"}, {"client_ip": "2001:db8::1"}, True),
     ({"client": "2001:db8::1"}, {"client_ip": "2001:db8::2"}, False),
@@ -601,22 +608,22 @@ def test_explanations_name_each_condition() -> None:
 @pytest.mark.parametrize(
     ("when", "expected"),
     [
-        ({"mail_from": "re:("}, "rules[1].when.mail_from: invalid regular expression '('"),
-        ({"subject": ["ok", "re:[a-"]}, "rules[1].when.subject: invalid regular expression"),
-        ({"client": "10.0.0.300"}, "rules[1].when.client: invalid network '10.0.0.300'"),
-        ({"client": ["10.0.0.0/8", "nonsense"]}, "rules[1].when.client: invalid network"),
-        ({"client": "10.0.0.0/33"}, "rules[1].when.client: invalid network"),
-        ({"size_over": "lots"}, "rules[1].when.size_over: expected a size"),
-        ({"size_under": -1}, "rules[1].when.size_under: a size cannot be negative"),
-        ({"mail_from": []}, "rules[1].when.mail_from: must not be an empty list"),
-        ({"rcpt_to": {"a": 1}}, "rules[1].when.rcpt_to: expected a string or a list of strings"),
-        ({"listener": True}, "rules[1].when.listener: expected a string or a list of strings"),
-        ({"header": "X-A"}, "rules[1].when.header: must be a non-empty mapping"),
-        ({"header": {}}, "rules[1].when.header: must be a non-empty mapping"),
-        ({"header": {"Bad Name": "x"}}, "rules[1].when.header.Bad Name: 'Bad Name' is not a"),
+        ({"mail_from": "re:("}, f"{FIRST}.when.mail_from: invalid regular expression '('"),
+        ({"subject": ["ok", "re:[a-"]}, f"{FIRST}.when.subject: invalid regular expression"),
+        ({"client": "10.0.0.300"}, f"{FIRST}.when.client: invalid network '10.0.0.300'"),
+        ({"client": ["10.0.0.0/8", "nonsense"]}, f"{FIRST}.when.client: invalid network"),
+        ({"client": "10.0.0.0/33"}, f"{FIRST}.when.client: invalid network"),
+        ({"size_over": "lots"}, f"{FIRST}.when.size_over: expected a size"),
+        ({"size_under": -1}, f"{FIRST}.when.size_under: a size cannot be negative"),
+        ({"mail_from": []}, f"{FIRST}.when.mail_from: must not be an empty list"),
+        ({"rcpt_to": {"a": 1}}, f"{FIRST}.when.rcpt_to: expected a string or a list of strings"),
+        ({"listener": True}, f"{FIRST}.when.listener: expected a string or a list of strings"),
+        ({"header": "X-A"}, f"{FIRST}.when.header: must be a non-empty mapping"),
+        ({"header": {}}, f"{FIRST}.when.header: must be a non-empty mapping"),
+        ({"header": {"Bad Name": "x"}}, f"{FIRST}.when.header.Bad Name: 'Bad Name' is not a"),
         (
             {"header": {"X-IB-Track-Click": "x"}},
-            "rules[1].when.header.X-IB-Track-Click: unknown Infobip header",
+            f"{FIRST}.when.header.X-IB-Track-Click: unknown Infobip header",
         ),
     ],
 )
@@ -665,8 +672,8 @@ def test_remove_accepts_a_single_string() -> None:
 @pytest.mark.parametrize(
     ("remove", "expected"),
     [
-        ("Bad Name", "rules[1].remove: 'Bad Name' is not a header name or glob"),
-        ([], "rules[1].remove: must not be an empty list"),
+        ("Bad Name", f"{FIRST}.remove: 'Bad Name' is not a header name or glob"),
+        ([], f"{FIRST}.remove: must not be an empty list"),
         ("X-IB-Track-Click", "did you mean X-IB-Track-Clicks?"),
     ],
 )
@@ -707,7 +714,7 @@ def test_one_click_needs_https_list_unsubscribe_in_the_same_rule() -> None:
         [{"set": {"List-Unsubscribe": "<mailto:u@x.example>", "List-Unsubscribe-Post": ONE}}]
     )
     assert error == (
-        "rules[1].set.List-Unsubscribe-Post: needs an https URI in List-Unsubscribe (RFC 8058),"
+        f"{FIRST}.set.List-Unsubscribe-Post: needs an https URI in List-Unsubscribe (RFC 8058),"
         " got '<mailto:u@x.example>'"
     )
 
