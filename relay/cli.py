@@ -13,25 +13,39 @@ import signal
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from email.utils import parseaddr
 from pathlib import Path
 from typing import IO, TypeVar
 
 import yaml
 
 from relay import __version__
-from relay.app import LOCK_FILE, Server, open_private, read_pid
+from relay.app import Server, run_server
 from relay.bodyfiles import OrphanedBody, SavedEnvelope, is_message_id
-from relay.config import Config, iter_secret_values, load_config, permission_warnings, redacted
+from relay.config import (
+    Config,
+    ListenerConfig,
+    iter_secret_values,
+    load_config,
+    permission_warnings,
+    redacted,
+)
 from relay.envelope import MessageContext
 from relay.errors import RelayError, SpoolError
 from relay.infobip.regions import format_region_table
 from relay.logs import configure_logging
+from relay.message import Arrival, MessageRefused, prepare
+from relay.opscli import add_shape_command, add_status_command
 from relay.passwords import hash_password
+from relay.pidfile import read_pid
 from relay.rules import render_rules_report
-from relay.spool import QueuedMessage, SpoolDB, find_spools
-from relay.supervisor import run_server, run_workers
+from relay.spool import LOCK_FILE, QueuedMessage, SpoolDB, find_spools, open_private
+from relay.supervisor import run_workers
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+# What `rules test` shows where the live relay puts the message's queue id.
+RULES_TEST_QUEUE_ID = "TESTQUEUEID"
 T = TypeVar("T")
 
 
@@ -81,6 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_queue_commands(commands)
     _add_rules_commands(commands)
+    add_status_command(commands)
 
     reload = commands.add_parser("reload", help="tell the running relay to reload its config "
                                                 "(same as SIGHUP)")
@@ -129,6 +144,7 @@ def _add_queue_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
             action.add_argument("--json", action="store_true")
         action.set_defaults(func=func)
     _add_recover_command(actions)
+    add_shape_command(actions)
     for parser in actions.choices.values():
         _config_option(parser)
         _spool_option(parser)
@@ -448,34 +464,48 @@ def _complete(given: SavedEnvelope, orphan: OrphanedBody) -> SavedEnvelope:
 
 def _rules_test(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    data = _read_message(args.message)
+    raw = _read_message(args.message)
     listener_name = args.listener or config.listeners[0].name
     listener = next((item for item in config.listeners if item.name == listener_name), None)
     if listener is None:
         raise CLIError(f"no listener named {listener_name!r} "
                        f"(have: {', '.join(item.name for item in config.listeners)})")
-    mail_from = args.mail_from if args.mail_from is not None else _header_from(data)
-    ctx = MessageContext(queue_id="TESTQUEUEID", mail_from=mail_from,
-                         rcpt_tos=tuple(args.rcpt), client_ip=args.client_ip,
-                         auth_user=args.user, listener=listener.name, size=len(data))
-    print(render_rules_report(config.rules, ctx, data, client_headers=listener.client_headers))
+    print(rules_test_report(config, listener, raw, mail_from=args.mail_from,
+                            rcpt_tos=tuple(args.rcpt), client_ip=args.client_ip,
+                            user=args.user))
     return EXIT_OK
+
+
+def rules_test_report(config: Config, listener: ListenerConfig, raw: bytes, *,
+                      mail_from: str | None, rcpt_tos: tuple[str, ...], client_ip: str,
+                      user: str | None, helo: str | None = None,
+                      queue_id: str = RULES_TEST_QUEUE_ID,
+                      received_at: dt.datetime | None = None) -> str:
+    """What `rules test` prints: ``raw`` prepared as the listener prepares DATA, then the rules.
+
+    The file is taken as the DATA a client would send, byte for byte, so the rules see what
+    they would see live (Received, Message-ID and Date included). The queue id and the time
+    are the only things the live relay makes up: pass them in to compare with a live message.
+    """
+    ctx = MessageContext(queue_id=queue_id, mail_from=mail_from or "", rcpt_tos=rcpt_tos,
+                         client_ip=client_ip, auth_user=user, listener=listener.name,
+                         size=len(raw), received_at=received_at or dt.datetime.now(dt.UTC))
+    arrival = Arrival(hostname=config.hostname, helo=helo, tls=listener.tls == "implicit")
+    try:
+        prepared = prepare(raw, ctx, arrival)
+    except MessageRefused as refusal:
+        raise CLIError(f"the relay would refuse this message: {refusal.reply}") from None
+    if mail_from is None:  # the envelope sender defaults to the From header's address
+        ctx = replace(ctx, mail_from=parseaddr(prepared.header("From") or "")[1])
+    return render_rules_report(config.rules, ctx, prepared.header_block,
+                               client_headers=listener.client_headers)
 
 
 def _read_message(name: str) -> bytes:
     try:
-        raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        return sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
     except OSError as exc:
         raise CLIError(f"cannot read {name}: {exc.strerror}") from None
-    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
-def _header_from(data: bytes) -> str:
-    from email.parser import BytesHeaderParser  # noqa: PLC0415
-    from email.utils import parseaddr  # noqa: PLC0415
-
-    headers = BytesHeaderParser().parsebytes(data)
-    return parseaddr(str(headers.get("From", "")))[1]
 
 
 def _message_dict(message: QueuedMessage) -> dict[str, object]:

@@ -8,6 +8,8 @@ Layout: ``HeaderBlock.parse(data)`` returns the block and ``offset``, the index 
 where the header block ends.  ``data[offset:]`` is the blank separator line followed by the
 body (``b"\\r\\n" + body``), or ``b""`` when the message has no blank line, in which case the
 whole message is headers.  ``block.to_bytes() + data[offset:]`` is the edited message.
+``header_end`` is the one place that finds that offset: relay.message uses it on the bytes as
+received (bare LF allowed), the editor on the prepared CRLF message.
 
 New headers are appended at the end of the header block (just before the blank line).  A
 header that is set again replaces its first occurrence in place and drops the others.  A
@@ -27,6 +29,8 @@ CRLF = b"\r\n"
 MAX_LINE_LENGTH = 998
 _WSP = b" \t"
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+# The end of a line followed by an empty one; "\r?" admits CRLF and bare LF in any mix.
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +52,16 @@ class _Field:
 
 
 def header_end(data: bytes) -> int:
-    """Return the offset where the header block ends (see the module docstring)."""
-    if data.startswith(CRLF):
-        return 0
-    end = data.find(b"\r\n\r\n")
-    return len(data) if end < 0 else end + 2
+    """Return the offset where the header block ends (see the module docstring).
+
+    Any mix of CRLF and bare LF line endings is understood, so that the listener can split a
+    message before it fixes line endings; on CRLF data this is the first CRLF CRLF + 2. The
+    block never includes the blank line: ``data[offset:]`` starts with it.
+    """
+    if data[:1] == b"\n" or data[:2] == CRLF:
+        return 0  # a blank first line: no header at all
+    match = _BLANK_LINE.search(data)
+    return match.start() + 1 if match else len(data)
 
 
 def split(data: bytes) -> tuple[bytes, bytes]:
@@ -106,6 +115,36 @@ def _fold_point(line: bytes, low: int, high: int) -> int:
         if line[pos] in _WSP and line[pos - 1] not in _WSP:
             return pos
     return -1
+
+
+def first_value(head: bytes, name: str) -> str | None:
+    """``HeaderBlock.parse(head)[0].get(name)`` without parsing every field of ``head``.
+
+    The listener reads a few fields of every message (Message-ID, Date, the priority): a
+    search for one name costs a fraction of a full parse. ``head`` is a CRLF header block.
+    """
+    match = _field_start(name).search(head)
+    if match is None:
+        return None
+    return unfold_value(head[match.start() : _field_stop(head, match.end())])
+
+
+@lru_cache(maxsize=64)
+def _field_start(name: str) -> re.Pattern[bytes]:
+    # At a line start (never a continuation line, which starts with WSP); RFC 5322's obsolete
+    # syntax allows WSP before the colon, as _parse_field does.
+    return re.compile(rb"(?im)^" + re.escape(name.encode("ascii")) + rb"[ \t]*:")
+
+
+def _field_stop(head: bytes, start: int) -> int:
+    """Where the field whose value starts at ``start`` ends: after its last continuation line."""
+    while True:
+        end = head.find(CRLF, start)
+        if end < 0:
+            return len(head)
+        start = end + 2
+        if head[start : start + 1] not in (b" ", b"\t"):
+            return start
 
 
 def unfold_value(raw: bytes) -> str:

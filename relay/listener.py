@@ -19,7 +19,6 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import format_datetime
 from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
@@ -31,7 +30,7 @@ from relay.address import AddressError, parse_path
 from relay.config import Config, ListenerConfig
 from relay.envelope import Envelope, MessageContext
 from relay.errors import SpoolError
-from relay.infobip.priority import priority_value
+from relay.message import Arrival, MessageRefused, prepare
 from relay.metrics import Metrics
 from relay.passwords import verify_password
 from relay.rules import apply_rules
@@ -48,16 +47,6 @@ _DEFAULT_ENHANCED = {
     b"530": b"5.7.0", b"535": b"5.7.8", b"538": b"5.7.11", b"550": b"5.7.1", b"552": b"5.3.4",
     b"553": b"5.1.3", b"554": b"5.3.0", b"555": b"5.5.4",
 }
-_PRIORITY_HEADER = re.compile(rb"(?im)^X-IB-Client-Priority:[ \t]*([A-Za-z]+)")
-_HAS_MESSAGE_ID = re.compile(rb"(?im)^Message-ID:")
-_HAS_DATE = re.compile(rb"(?im)^Date:")
-# Bare CR and bare LF both become CRLF: no line ending other than CRLF ever leaves the relay, so
-# no upstream can see a line structure (or an end of data) that the relay did not see.
-_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-# RFC 5321 caps a line at 998 octets + CRLF; like Postfix (smtp_line_length_limit) longer lines
-# are broken with CRLF + space, which is a valid fold in headers and keeps bodies deliverable.
-_MAX_LINE = 998
-_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _DATA_CHUNK = 256 * 1024
 # RFC 5321 4.5.3.1.4 allows 512 octets a command line; the rest is room for ESMTP parameters
 # and AUTH PLAIN's initial response. DATA does not go through this limit (see _read_data).
@@ -66,8 +55,6 @@ _NULL_SENDER = re.compile(r"\s*FROM:\s*<>", re.IGNORECASE)
 # Outlook and vCenter send AUTH=<> without it being advertised: harmless, dropped. DSN
 # parameters (RET, ENVID, NOTIFY, ORCPT) are refused with 555, since DSN is not advertised.
 _IGNORED_PARAMS = frozenset({"AUTH"})
-_BARE_CR_OR_NUL = re.compile(rb"\r(?!\n)|\x00")
-_BLANK_LINE = re.compile(rb"\n\r?\n")
 _AUTH_FAILURE_WINDOW = 600.0
 
 
@@ -617,20 +604,22 @@ class RelayHandler:
         raw: bytes = envelope.original_content or b""
         metrics.received.labels(listener=self.listener.name).inc()
         metrics.bytes_in.inc(len(raw))
-        refusal = _header_refusal(raw)
-        if refusal:
-            return refusal
         queue_id = new_queue_id()
         ctx = self._context(server, session, envelope, queue_id, len(raw))
-        data = self._prepare(server, session, ctx, raw, envelope.smtp_utf8)
-        outcome = apply_rules(self.state.config.rules, ctx, data,
+        try:
+            prepared = prepare(raw, ctx, self._arrival(server, session, envelope))
+        except MessageRefused as refusal:
+            return refusal.reply
+        # The rules edit the header block only; the body is joined to it once, after them.
+        outcome = apply_rules(self.state.config.rules, ctx, prepared.header_block,
                               client_headers=self.listener.client_headers)
         self._count_rules(outcome.matched, outcome.fixed, outcome.dropped, outcome.warnings,
                           queue_id)
-        data = outcome.data
+        prepared = prepared.with_header_block(outcome.data)
+        data = prepared.data
         options = _forwarded_options(envelope, data, self.state.sink.upstream_smtputf8)
         message = Envelope(ctx, data, options)
-        priority = _priority(data)
+        priority = prepared.priority
         sink = self.state.sink
         sink.reserve(queue_id)
         try:
@@ -661,24 +650,11 @@ class RelayHandler:
                               rcpt_tos=tuple(envelope.rcpt_tos), client_ip=server.client_ip,
                               auth_user=user, listener=self.listener.name, size=size)
 
-    def _prepare(self, server: RelaySMTP, session: SMTPSession, ctx: MessageContext,
-                 raw: bytes, smtp_utf8: bool) -> bytes:
-        """CRLF line endings, a Received trace header, Message-ID and Date where missing."""
-        if raw.count(b"\n") != raw.count(b"\r\n") or raw.count(b"\r") != raw.count(b"\r\n"):
-            raw = _BARE_LINE_END.sub(b"\r\n", raw)
-        if len(raw) > _MAX_LINE and max(map(len, raw.split(b"\n"))) > _MAX_LINE + 1:
-            raw = _break_long_lines(raw)
-        end = raw.find(b"\r\n\r\n")
-        header_block = raw if end < 0 else raw[:end + 2]
-        config = self.state.config
-        added = [_received_header(server, session, ctx, config.hostname, smtp_utf8)]
-        if not _HAS_MESSAGE_ID.search(header_block):
-            added.append(f"Message-ID: <{ctx.queue_id}@{config.hostname}>\r\n".encode())
-        if not _HAS_DATE.search(header_block):
-            added.append(f"Date: {format_datetime(ctx.received_at)}\r\n".encode())
-        if end < 0 and raw and not raw.endswith(b"\r\n"):
-            raw += b"\r\n"
-        return b"".join(added) + raw
+    def _arrival(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope
+                 ) -> Arrival:
+        return Arrival(hostname=self.state.config.hostname, helo=session.host_name,
+                       extended=session.extended_smtp, utf8=envelope.smtp_utf8,
+                       tls=server.is_tls)
 
     def _count_rules(self, matched: tuple[str, ...], fixed: int, dropped: int,
                      warnings: tuple[str, ...], queue_id: str) -> None:
@@ -701,53 +677,6 @@ class RelayHandler:
 _DUMMY_HASH = "scrypt$16384$8$1$" + "A" * 22 + "==$" + "A" * 43 + "="
 
 
-def _header_refusal(raw: bytes) -> str | None:
-    """Refuse a header block with a bare CR or a NUL.
-
-    A bare CR in the body becomes CRLF like a bare LF; in a header it would split or hide a
-    field, so the message is refused rather than reinterpreted.
-    """
-    end = _header_end(raw)
-    if _BARE_CR_OR_NUL.search(raw, 0, end):
-        return "550 5.6.0 Message header contains a bare CR or a NUL character"
-    return None
-
-
-def _header_end(raw: bytes) -> int:
-    """Where the header block ends, whatever mix of CRLF and bare LF the client used."""
-    match = _BLANK_LINE.search(raw)
-    return match.start() + 1 if match else len(raw)
-
-
-def _break_long_lines(raw: bytes) -> bytes:
-    lines = raw.split(b"\r\n")
-    for index, line in enumerate(lines):
-        if len(line) > _MAX_LINE:
-            chunks = [line[:_MAX_LINE]]
-            chunks += [b" " + line[start:start + _MAX_LINE - 1]
-                       for start in range(_MAX_LINE, len(line), _MAX_LINE - 1)]
-            lines[index] = b"\r\n".join(chunks)
-    return b"\r\n".join(lines)
-
-
-def with_protocol(*, extended: bool, utf8: bool, tls: bool, authenticated: bool) -> str:
-    """The Received header's "with" keyword: RFC 3848 (ESMTP[S][A]), RFC 6531 (UTF8SMTP[S][A])."""
-    if not extended:
-        return "SMTP"  # RFC 3848 registers no TLS or AUTH variant of plain SMTP
-    return ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if tls else "") + \
-        ("A" if authenticated else "")
-
-
-def _received_header(server: RelaySMTP, session: SMTPSession, ctx: MessageContext,
-                     hostname: str, smtp_utf8: bool) -> bytes:
-    helo = _UNPRINTABLE.sub("", session.host_name or "unknown")[:200] or "unknown"
-    protocol = with_protocol(extended=session.extended_smtp, utf8=smtp_utf8, tls=server.is_tls,
-                             authenticated=ctx.auth_user is not None)
-    stamp = format_datetime(ctx.received_at)
-    return (f"Received: from {helo} ([{ctx.client_ip}])\r\n\tby {hostname} (infobip-relay "
-            f"{__version__}) with {protocol} id {ctx.queue_id};\r\n\t{stamp}\r\n").encode()
-
-
 def _forwarded_options(envelope: SMTPEnvelope, data: bytes, upstream_smtputf8: bool | None
                        ) -> tuple[str, ...]:
     options = []
@@ -759,12 +688,6 @@ def _forwarded_options(envelope: SMTPEnvelope, data: bytes, upstream_smtputf8: b
     if envelope.smtp_utf8 and upstream_smtputf8:
         options.append("SMTPUTF8")
     return tuple(options)
-
-
-def _priority(data: bytes) -> int:
-    end = data.find(b"\r\n\r\n")
-    match = _PRIORITY_HEADER.search(data, 0, end if end >= 0 else len(data))
-    return priority_value(match.group(1).decode("ascii") if match else None)
 
 
 def _queued(ctx: MessageContext, options: tuple[str, ...], priority: int, size: int
@@ -784,13 +707,6 @@ def _current_listener(config: Config, listener: ListenerConfig) -> ListenerConfi
         if candidate.name == listener.name:
             return candidate
     return listener
-
-
-def server_tls_context(listener: ListenerConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(listener.certificate), str(listener.private_key))
-    return context
 
 
 ProtocolFactory = Callable[[], RelaySMTP]

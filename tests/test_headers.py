@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from relay.headers import (
     MAX_LINE_LENGTH,
     HeaderBlock,
+    first_value,
     format_field,
     header_end,
     is_field_name,
@@ -306,3 +307,28 @@ def test_edits_never_touch_the_body_and_are_idempotent(
     once = edit(data, *actions)
     assert split(once)[1] == b"\r\n" + body
     assert edit(once, *actions) == once
+
+
+# --- first_value: one field without a full parse -----------------------------------------
+
+FIELD_LINES = st.sampled_from([
+    b"Date: d", b"date : lower, obsolete space", b"X-Date: not it", b" folded Date: no",
+    b"\tmore", b"garbage line", b"Date:", b"Subject: s", b"DATE: \xc3\xa9",
+])
+
+
+@given(st.lists(FIELD_LINES, max_size=8), st.booleans())
+@settings(max_examples=300)
+def test_first_value_is_what_a_full_parse_gets(lines: list[bytes], terminated: bool) -> None:
+    head = b"\r\n".join(lines) + (b"\r\n" if terminated and lines else b"")
+    assert first_value(head, "Date") == HeaderBlock.parse(head)[0].get("Date")
+
+
+@pytest.mark.parametrize(("head", "value"), [
+    (b"Subject: s\r\nDate: Mon,\r\n 1 Jan\r\nX: y\r\n", "Mon, 1 Jan"),
+    (b"Subject: s\r\n X-Date: folded into Subject\r\n", None),
+    (b"date:   spaced  \r\n", "spaced"),
+    (b"Date: last line without CRLF", "last line without CRLF"),
+])
+def test_first_value(head: bytes, value: str | None) -> None:
+    assert first_value(head, "Date") == value

@@ -1,0 +1,199 @@
+"""Prepare a received message once: what the relay sends and what `rules test` shows.
+
+``prepare(raw, ctx, arrival)`` turns the DATA bytes a client sent into a ``PreparedMessage``:
+
+1. the header block is split off first (``relay.headers.header_end``, bare LF allowed) and
+   refused with 550 5.6.0 if it holds a bare CR or a NUL;
+2. header block and body each get CRLF line endings and lines of at most 998 octets;
+3. a Received header is put in front, and Message-ID and Date where the client gave none.
+
+The header block stays in memory (the rules edit it); the body is handed on untouched after
+step 2. The line fixes are pure functions of whole lines, so that streaming can apply them to
+chunks of the body as they arrive: for pieces cut just after an LF, fixing each piece and
+joining the results gives the same bytes as fixing the whole (tests/test_message.py).
+
+The time, queue id and client facts come in through ``MessageContext`` and ``Arrival``, never
+from a clock here, so the live listener and `infobip-relay rules test` produce the same bytes
+for the same inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.utils import format_datetime
+
+from relay import __version__
+from relay.envelope import MessageContext
+from relay.headers import CRLF, MAX_LINE_LENGTH, first_value, header_end
+from relay.infobip.priority import priority_value
+
+# Bare CR and bare LF both become CRLF: no line ending other than CRLF ever leaves the relay, so
+# no upstream can see a line structure (or an end of data) that the relay did not see.
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# RFC 5321 caps a line at 998 octets + CRLF; like Postfix (smtp_line_length_limit) longer lines
+# are broken with CRLF + space, which is a valid fold in headers and keeps bodies deliverable.
+# A line over 998 octets is, with its CR, at least 1,000 octets without an LF. Anchored on the
+# LF before it, the search costs one pass over the message (unanchored it would be quadratic).
+_LONG = MAX_LINE_LENGTH + 2
+_LONG_LINE = re.compile(rb"\n[^\n]{%d}" % _LONG)
+_BARE_CR_OR_NUL = re.compile(rb"\r(?!\n)|\x00")
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+PRIORITY_HEADER = "X-IB-Client-Priority"
+HEADER_REFUSAL = "550 5.6.0 Message header contains a bare CR or a NUL character"
+# A view of the received bytes when they needed no fix, else the fixed bytes.
+Body = bytes | memoryview
+
+
+class MessageRefused(ValueError):
+    """The message cannot be relayed as sent; ``reply`` is the SMTP reply that says why."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """How the message reached the relay, as its Received header records it (RFC 5321 4.4)."""
+
+    hostname: str  # the relay's own name ("by")
+    helo: str | None  # the name the client gave in EHLO/HELO, unchecked
+    extended: bool = True  # EHLO rather than HELO
+    utf8: bool = False  # MAIL FROM had SMTPUTF8
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedMessage:
+    """A message as the relay forwards it, split where the rules need it split.
+
+    ``header_block`` is every field, CRLF-terminated, trace fields first, without the blank
+    line. ``body`` is the rest: the blank line and the body (``b"\\r\\n" + body``), or ``b""``
+    for a message that has no blank line. ``header_block + body`` is what goes upstream.
+    """
+
+    header_block: bytes
+    body: Body
+
+    @property
+    def data(self) -> bytes:
+        """The whole message: one copy, made only once the header block is final."""
+        return self.header_block + self.body
+
+    @property
+    def priority(self) -> int:
+        """The spool's sort key for X-IB-Client-Priority (absent or unknown: STANDARD)."""
+        return priority_value(self.header(PRIORITY_HEADER))
+
+    def header(self, name: str) -> str | None:
+        """The unfolded value of the first ``name`` field, None when there is none."""
+        return first_value(self.header_block, name)
+
+    def with_header_block(self, header_block: bytes) -> PreparedMessage:
+        """The same body under an edited header block (what the rules return)."""
+        return PreparedMessage(header_block, self.body)
+
+
+def prepare(raw: bytes, ctx: MessageContext, arrival: Arrival) -> PreparedMessage:
+    """Prepare DATA as received (unstuffed, any line endings); MessageRefused if it cannot go."""
+    end = header_end(raw)
+    if _BARE_CR_OR_NUL.search(raw, 0, end):
+        # In a header a bare CR would split or hide a field: refused rather than reinterpreted.
+        # In the body it is only a line ending, fixed below like a bare LF.
+        raise MessageRefused(HEADER_REFUSAL)
+    head = fix_lines(raw[:end], last=end == len(raw))
+    return PreparedMessage(trace_fields(head, ctx, arrival) + head, _body(raw, end))
+
+
+def _body(raw: bytes, start: int) -> Body:
+    if start == len(raw):
+        return b""
+    if raw.endswith(CRLF) and not has_bare_line_end(raw, start) and \
+            not has_long_line(raw, start):
+        # Most mail needs no fix: a view of what was received spares a copy of the message.
+        return memoryview(raw)[start:]
+    return fix_lines(raw[start:], last=True)
+
+
+def fix_lines(data: bytes, *, last: bool = False) -> bytes:
+    """CRLF line endings and lines of at most 998 octets; ``data`` itself when already so.
+
+    Works on whole lines: pieces of a message cut just after an LF can be fixed one by one,
+    the ``last`` piece (the end of the message) getting a CRLF after its last line too.
+    """
+    data = crlf_line_endings(data)
+    if last and data and not data.endswith(CRLF):
+        data += CRLF
+    return break_long_lines(data)
+
+
+def has_bare_line_end(data: bytes, start: int = 0) -> bool:
+    """Whether ``data[start:]`` holds a CR or an LF that is not part of a CRLF."""
+    # Three counts in C are much cheaper than a regex search, and most mail has none.
+    crlf = data.count(CRLF, start)
+    return data.count(b"\n", start) != crlf or data.count(b"\r", start) != crlf
+
+
+def crlf_line_endings(data: bytes) -> bytes:
+    """Every bare CR and bare LF as CRLF; ``data`` itself (no copy) when there is none."""
+    return _BARE_LINE_END.sub(CRLF, data) if has_bare_line_end(data) else data
+
+
+def has_long_line(data: bytes, start: int = 0) -> bool:
+    """Whether a line of ``data[start:]`` (CRLF line endings) is over 998 octets."""
+    tail = data.rfind(b"\n", start) + 1 or start
+    if len(data) - tail > MAX_LINE_LENGTH:
+        return True  # the last line, which has no line ending
+    if tail == start:
+        return False  # that was the only line
+    first = data.find(b"\n", start, start + _LONG)
+    return first < 0 or _LONG_LINE.search(data, first, tail) is not None
+
+
+def break_long_lines(data: bytes) -> bytes:
+    """Lines over 998 octets broken with CRLF + space; ``data`` (CRLF endings) itself if none."""
+    if not has_long_line(data):
+        return data
+    lines = data.split(CRLF)
+    for index, line in enumerate(lines):
+        if len(line) > MAX_LINE_LENGTH:
+            lines[index] = _broken(line)
+    return CRLF.join(lines)
+
+
+def _broken(line: bytes) -> bytes:
+    # The first piece keeps 998 octets; each continuation is a space + 997 octets.
+    pieces = [line[:MAX_LINE_LENGTH]]
+    pieces += [b" " + line[start : start + MAX_LINE_LENGTH - 1]
+               for start in range(MAX_LINE_LENGTH, len(line), MAX_LINE_LENGTH - 1)]
+    return CRLF.join(pieces)
+
+
+def trace_fields(head: bytes, ctx: MessageContext, arrival: Arrival) -> bytes:
+    """Received, then Message-ID and Date when ``head`` lacks them, as the relay adds them."""
+    stamp = format_datetime(ctx.received_at)  # once: it costs more than the rest together
+    added = received_header(ctx, arrival, stamp)
+    if first_value(head, "Message-ID") is None:
+        added += f"Message-ID: <{ctx.queue_id}@{arrival.hostname}>\r\n".encode()
+    if first_value(head, "Date") is None:
+        added += f"Date: {stamp}\r\n".encode()
+    return added
+
+
+def received_header(ctx: MessageContext, arrival: Arrival, stamp: str) -> bytes:
+    """The relay's trace field: client name and address, protocol, queue id and ``stamp``."""
+    helo = _UNPRINTABLE.sub("", arrival.helo or "unknown")[:200] or "unknown"
+    protocol = with_protocol(extended=arrival.extended, utf8=arrival.utf8, tls=arrival.tls,
+                             authenticated=ctx.auth_user is not None)
+    return (f"Received: from {helo} ([{ctx.client_ip}])\r\n\tby {arrival.hostname} "
+            f"(infobip-relay {__version__}) with {protocol} id {ctx.queue_id};\r\n\t{stamp}\r\n"
+            ).encode()
+
+
+def with_protocol(*, extended: bool, utf8: bool, tls: bool, authenticated: bool) -> str:
+    """The Received header's "with" keyword: RFC 3848 (ESMTP[S][A]), RFC 6531 (UTF8SMTP[S][A])."""
+    if not extended:
+        return "SMTP"  # RFC 3848 registers no TLS or AUTH variant of plain SMTP
+    return ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if tls else "") + \
+        ("A" if authenticated else "")
