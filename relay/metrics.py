@@ -18,6 +18,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from relay import __version__
+
 if TYPE_CHECKING:
     from relay.upstream import SendResult
 
@@ -25,6 +27,8 @@ log = logging.getLogger("relay.metrics")
 
 Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 StatsRefresher = Callable[[], Awaitable[None]]
+# The readiness reason that means the spool refused a write (relay.app.Server.readiness).
+SPOOL_NOT_WRITABLE = "spool is not writable"
 
 
 class Metrics:
@@ -77,6 +81,25 @@ class Metrics:
                                 "Age of the oldest queued or deferred message", registry=r)
         self.upstream_up = Gauge("relay_upstream_up",
                                  "1 if the last upstream contact succeeded", registry=r)
+        # The operator's view (issue 13): `infobip-relay status`, deploy/monitoring/.
+        self.build_info = Gauge("relay_build_info", "Always 1; the version is in the label",
+                                ["version"], registry=r)
+        self.build_info.labels(version=__version__).set(1)
+        self.start_time = Gauge("relay_start_time_seconds",
+                                "Unix time at which this relay process started", registry=r)
+        self.start_time.set(time.time())
+        self.last_delivery = Gauge("relay_last_delivery_timestamp_seconds",
+                                   "Unix time at which the upstream last accepted a message "
+                                   "(0: not since the start)", registry=r)
+        self.upstream_auth_ok = Gauge("relay_upstream_auth_ok",
+                                      "0 while the upstream refuses our credentials", registry=r)
+        self.upstream_auth_ok.set(1)
+        self.ready = Gauge("relay_ready", "1 if /readyz answers 200 (evaluated at each scrape)",
+                           registry=r)
+        self.spool_writable = Gauge("relay_spool_writable",
+                                    "1 if the spool takes writes (evaluated at each scrape)",
+                                    registry=r)
+        self.spool_writable.set(1)
 
     def observe_send(self, seconds: float, result: SendResult, size: int) -> None:
         self.send_latency.observe(seconds)
@@ -84,6 +107,11 @@ class Metrics:
         self.upstream_replies.labels(code=code).inc()
         if result.accepted:
             self.bytes_out.inc(size)
+            self.last_delivery.set(time.time())
+
+    def observe_readiness(self, ready: bool, reason: str) -> None:
+        self.ready.set(1 if ready else 0)
+        self.spool_writable.set(0 if reason == SPOOL_NOT_WRITABLE else 1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -131,6 +159,7 @@ class HealthServer:
     async def _route(self, path: str) -> tuple[int, bytes, str]:
         if path == "/metrics":
             await self.refresh()
+            self.metrics.observe_readiness(*await self.readiness())
             return 200, self.metrics.render(), CONTENT_TYPE_LATEST
         if path == "/healthz":
             return 200, b"ok\n", "text/plain"
