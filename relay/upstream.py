@@ -260,11 +260,13 @@ class UpstreamConnection:
         smtp, self._smtp = self._smtp, None
         if smtp is None:
             return
-        if smtp.is_connected:
-            try:
+        try:
+            if smtp.is_connected:
                 await smtp.quit(timeout=5)
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                smtp.close()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass  # the transport goes below all the same
+        finally:
+            smtp.close()  # also when QUIT was cancelled: the socket must not leak
 
     async def _ready_connection(self) -> aiosmtplib.SMTP:
         smtp = self._smtp
@@ -309,6 +311,9 @@ class UpstreamConnection:
         except (OSError, TimeoutError) as exc:
             smtp.close()
             raise UpstreamUnavailable(f"{where}: cannot connect: {exc}") from exc
+        except BaseException:
+            smtp.close()  # cancelled (shutdown, reload) half-way: the socket must not leak
+            raise
         log.debug("connected to %s (%s)", where, config.tls)
         return smtp
 
