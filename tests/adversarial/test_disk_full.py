@@ -24,7 +24,8 @@ import pytest
 from fakeupstream import FakeUpstream
 from relayrunner import ProcessRelay, relay_config
 
-pytestmark = pytest.mark.slow
+# Heavy tests share one xdist worker, one at a time (see pyproject addopts).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]
 
 TMPFS_SIZE = "2m"
 MAX_ATTEMPTS = 400  # 2 MiB / 20 KiB is ~100: the spool must fill long before this

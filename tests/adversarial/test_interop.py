@@ -287,6 +287,7 @@ def _wait_postfix(instance: PostfixInstance, fake: FakeUpstream, probe: Probe) -
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
 def test_postfix_null_client(relay: ThreadRelay, fake_upstream: FakeUpstream,
                              postfix_factory: Callable[..., PostfixInstance]) -> None:
     """8-bit and long-line messages through Postfix's smtpd, a bare-LF one through its
@@ -304,6 +305,7 @@ def test_postfix_null_client(relay: ThreadRelay, fake_upstream: FakeUpstream,
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
 def test_postfix_bounce_with_null_sender(fake_upstream: FakeUpstream,
                                          start_relay: Callable[..., ThreadRelay],
                                          postfix_factory: Callable[..., PostfixInstance]) -> None:

@@ -38,7 +38,7 @@ import pytest
 from fakeupstream import FakeUpstream
 from relayrunner import ProcessRelay, relay_config
 
-pytestmark = [pytest.mark.soak, pytest.mark.slow]
+pytestmark = [pytest.mark.soak, pytest.mark.slow, pytest.mark.xdist_group("heavy")]
 
 MESSAGES = int(os.environ.get("RELAY_SOAK_MESSAGES", "2000"))
 KILLS = int(os.environ.get("RELAY_SOAK_KILLS", "4"))

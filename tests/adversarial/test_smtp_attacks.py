@@ -273,6 +273,7 @@ def _flood(address: tuple[str, int], size: int) -> bytes:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+@pytest.mark.xdist_group("heavy")  # RSS is measured: nothing heavy beside it
 def test_command_line_flood_is_bounded(fake_upstream, start_relay_process, tmp_path):
     config = relay_config(tmp_path, fake_upstream, access={"trusted_networks": ["10.0.0.0/8"]})
     relay = start_relay_process(config)
