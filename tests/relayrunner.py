@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -200,3 +201,33 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
             return result
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+TEST_MESSAGE = b"From: app@example.com\r\nSubject: test\r\n\r\nbody\r\n"
+
+
+def send(relay: ThreadRelay, rcpts: tuple[str, ...] = ("user@example.net",),
+         message: bytes = TEST_MESSAGE) -> str:
+    """One message from app@example.com through the relay; returns its queue id."""
+    with smtplib.SMTP(*relay.address, timeout=10) as client:
+        client.ehlo("client.example.com")
+        client.mail("app@example.com")
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt)[0] == 250
+        code, reply = client.data(message)
+    assert code == 250, reply
+    return reply.split()[-1].decode()
+
+
+def send_raw(relay: ThreadRelay, raw: bytes) -> str:
+    """DATA exactly as given (smtplib would fix line endings itself); returns the queue id."""
+    with smtplib.SMTP(*relay.address, timeout=10) as client:
+        client.ehlo("client.example.com")
+        client.mail("app@example.com")
+        client.rcpt("user@example.net")
+        client.putcmd("data")
+        assert client.getreply()[0] == 354
+        client.send(raw + b".\r\n")
+        code, reply = client.getreply()
+        assert code == 250, reply
+    return reply.split()[-1].decode()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import smtplib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -14,7 +13,14 @@ from pathlib import Path
 
 import pytest
 from fakeupstream import FakeUpstream
-from relayrunner import ThreadRelay, relay_config, spool_messages, wait_until, write_config
+from relayrunner import (
+    ThreadRelay,
+    relay_config,
+    send,
+    spool_messages,
+    wait_until,
+    write_config,
+)
 
 import relay.delivery as delivery_module
 from relay.config import Config, load_config
@@ -34,17 +40,6 @@ from relay.upstream import (
 
 StartRelay = Callable[..., ThreadRelay]
 MESSAGE = b"From: app@example.com\r\nSubject: test\r\n\r\nbody\r\n"
-
-
-def send(relay: ThreadRelay, rcpts: tuple[str, ...] = ("user@example.net",)) -> str:
-    with smtplib.SMTP(*relay.address, timeout=10) as client:
-        client.ehlo("client.example.com")
-        client.mail("app@example.com")
-        for rcpt in rcpts:
-            assert client.rcpt(rcpt)[0] == 250
-        code, reply = client.data(MESSAGE)
-    assert code == 250, reply
-    return reply.split()[-1].decode()
 
 
 def deferred_by_auth(relay: ThreadRelay) -> QueuedMessage:

@@ -7,7 +7,6 @@ bytes the former whole-message preparation gave, then the live relay and `rules 
 from __future__ import annotations
 
 import re
-import smtplib
 from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from relayrunner import ThreadRelay
+from relayrunner import send_raw
 
 from relay import __version__
 from relay.cli import main, rules_test_report
@@ -325,20 +324,6 @@ AGREEMENT_RULES = [
 AGREEMENT_MESSAGE = (b"From: App <app@example.com>\nTo: user@example.net\n"
                      b"Subject: " + b"long " * 250 + b"\n"
                      b"X-IB-Client-Priority: low\n\nHello\nworld\r\n")
-
-
-def send_raw(relay: ThreadRelay, raw: bytes) -> str:
-    """DATA exactly as given (smtplib.sendmail would fix line endings itself); the queue id."""
-    with smtplib.SMTP(*relay.address, timeout=10) as client:
-        client.ehlo("client.example.com")
-        client.mail("app@example.com")
-        client.rcpt("user@example.net")
-        client.putcmd("data")
-        assert client.getreply()[0] == 354
-        client.send(raw + b".\r\n")
-        code, reply = client.getreply()
-        assert code == 250, reply
-    return reply.split()[-1].decode()
 
 
 def report_section(report: str, title: str) -> list[str]:

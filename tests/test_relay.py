@@ -11,7 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from relayrunner import ThreadRelay, relay_config, spool_messages, wait_until, write_config
+from relayrunner import (
+    ThreadRelay,
+    relay_config,
+    send_raw,
+    spool_messages,
+    wait_until,
+    write_config,
+)
 
 from relay.cli import main as cli_main
 from relay.config import load_config
@@ -267,16 +274,7 @@ def test_bare_lf_and_long_lines_are_made_rfc_clean(fake_upstream, start_relay):
     long_line = b"z" * 5000
     # Bare LF inside; only the final CRLF.CRLF ends DATA (anything else would allow smuggling).
     data = b"Subject: legacy\nX-Test: 1\n\nfirst\n" + long_line + b"\nend\r\n"
-    with smtplib.SMTP(*relay.address, timeout=10) as client:
-        client.ehlo("client.example.com")
-        # smtplib would fix the line endings itself: send raw bytes to see what legacy apps do.
-        client.mail("app@example.com")
-        client.rcpt("user@example.net")
-        client.putcmd("data")
-        assert client.getreply()[0] == 354
-        client.send(data + b".\r\n")
-        code, _ = client.getreply()
-        assert code == 250
+    send_raw(relay, data)  # as legacy apps send it: smtplib would fix the line endings itself
     [received] = fake_upstream.wait_for(1)
     # Lines over 998 octets are broken the way Postfix breaks them: CRLF + space.
     expected_long = b"z" * 998 + b"".join(b"\r\n " + b"z" * 997 for _ in range(4)) + \

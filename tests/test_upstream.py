@@ -6,7 +6,6 @@ Real sockets and TLS throughout; the fake answers a nested MAIL with 503 as Exim
 from __future__ import annotations
 
 import re
-import smtplib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fakeupstream import FakeUpstream
-from relayrunner import ThreadRelay, spool_messages, wait_until
+from relayrunner import ThreadRelay, send, spool_messages, wait_until
 
 from relay.config import load_config, redacted
 from relay.envelope import Envelope, MessageContext
@@ -56,17 +55,6 @@ def final(relay: ThreadRelay, queue_id: str, timeout: float = 10.0) -> QueuedMes
 
     found: QueuedMessage = wait_until(done, timeout, what=f"{queue_id} delivered or failed")
     return found
-
-
-def send(relay: ThreadRelay, rcpts: tuple[str, ...] = ("user@example.net",)) -> str:
-    with smtplib.SMTP(*relay.address, timeout=10) as client:
-        client.ehlo("client.example.com")
-        client.mail("app@example.com")
-        for rcpt in rcpts:
-            assert client.rcpt(rcpt)[0] == 250
-        code, reply = client.data(MESSAGE)
-    assert code == 250, reply
-    return reply.split()[-1].decode()
 
 
 # -- item 4: a pooled connection is never left inside a transaction ---------------------------
