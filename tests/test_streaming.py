@@ -1,0 +1,122 @@
+"""Streamed DATA equals the whole-message path for any split of the input (Hypothesis)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.envelope import MessageContext
+from relay.message import Arrival, MessageRefused, prepare, prepare_head
+from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter
+
+CTX = MessageContext(queue_id="Q1", mail_from="a@b", rcpt_tos=("c@d",), client_ip="192.0.2.1",
+                     auth_user=None, listener="l", size=1,
+                     received_at=datetime(2026, 1, 1, tzinfo=UTC))
+ARRIVAL = Arrival(hostname="relay.test", helo="client")
+
+
+def whole_read(wire: bytes) -> tuple[bytes, bytes] | None:
+    """The oracle: the listener's former whole-message DATA reader (unstuffed data, leftover)."""
+    buffer = b"\r\n" + wire
+    end = buffer.find(b"\r\n.\r\n")
+    if end < 0:
+        return None
+    data = buffer[2:end + 2]
+    if data[:1] == b".":
+        data = data[1:]
+    return data.replace(b"\r\n.", b"\r\n"), buffer[end + 5:]
+
+
+def whole_prepare(raw: bytes) -> bytes | str:
+    try:
+        return prepare(raw, CTX, ARRIVAL).data
+    except MessageRefused as refusal:
+        return refusal.reply
+
+
+def streamed(chunks: list[bytes]) -> tuple[bytes, bytes | str, int] | None:
+    """(leftover, prepared message or refusal, raw size) through the streaming stages."""
+    decoder, splitter, fixer = DataDecoder(), HeaderSplitter(1 << 30), BodyFixer()
+    head: bytes | None = None
+    body = b""
+    for index, chunk in enumerate(chunks):
+        data = decoder.feed(chunk)
+        if head is None:
+            split = splitter.feed(data)
+            if split is not None:
+                head, rest = split
+                body += fixer.feed(rest)
+        else:
+            body += fixer.feed(data)
+        if decoder.ended:
+            unread = b"".join(chunks[index + 1:])  # left in the reader, as in the listener
+            break
+    else:
+        return None
+    last = head is None
+    if head is None:
+        head = splitter.finish()
+    try:
+        prepared: bytes | str = prepare_head(head, CTX, ARRIVAL, last=last) + body + \
+            fixer.finish()
+    except MessageRefused as refusal:
+        prepared = refusal.reply
+    return decoder.leftover + unread, prepared, decoder.size
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(cut, len(data)) for cut in cuts})
+    pieces, start = [], 0
+    for point in points:
+        pieces.append(data[start:point])
+        start = point
+    pieces.append(data[start:])
+    return [piece for piece in pieces if piece]
+
+
+# Few distinct octets, so that CR, LF, dots, blank lines and terminators are frequent.
+_ATOMS = st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n.", b"\r\n.\r\n", b":",
+                          b"X: y", b"\x00", b"\xc3\xa9", b" "])
+_LONG = st.integers(min_value=990, max_value=3100).map(lambda n: b"x" * n)
+wires = st.lists(st.one_of(_ATOMS, _ATOMS, _ATOMS, _LONG), max_size=40).map(b"".join)
+
+
+def _check(wire: bytes, cuts: list[int]) -> None:
+    expected = whole_read(wire)
+    result = streamed(split_at(wire, cuts))
+    if expected is None:
+        assert result is None
+        return
+    raw, leftover = expected
+    assert result is not None
+    assert result[0] == leftover
+    assert result[1] == whole_prepare(raw)
+    # The size limit counts the stuffed data up to and including its last CRLF.
+    assert result[2] == (b"\r\n" + wire).find(b"\r\n.\r\n")
+
+
+@settings(max_examples=400, deadline=None)
+@given(wires.map(lambda w: w + b"\r\n.\r\n"), st.lists(st.integers(0, 8000), max_size=12))
+def test_any_split_gives_the_whole_message_result(wire: bytes, cuts: list[int]) -> None:
+    _check(wire, cuts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(wires, st.lists(st.integers(0, 8000), max_size=12))
+def test_any_input_and_split_even_unterminated(wire: bytes, cuts: list[int]) -> None:
+    _check(wire, cuts)
+
+
+@settings(max_examples=100, deadline=None)
+@given(wires.map(lambda w: w + b"\r\n.\r\n"))
+def test_one_octet_at_a_time(wire: bytes) -> None:
+    _check(wire, list(range(len(wire))))
+
+
+def test_known_cases() -> None:
+    for wire in [b".\r\n", b"..\r\n.\r\n", b"a\r\n\r\n" + b"y" * 5000 + b"\r\n.\r\n",
+                 b"a: b\r\n\r\n" + b"z" * 998 + b"\r\n.\r\n", b"a\n\nb\rc\r\n.\r\nQUIT\r\n"]:
+        for size in (1, 2, 3, 5, 997, 998, 999, 4096):
+            _check(wire, list(range(size, len(wire), size)))
