@@ -255,10 +255,10 @@ class Delivery:
     def release(self, message_id: str) -> None:
         self._known.discard(message_id)
 
-    def submit(self, message: QueuedMessage, data: bytes) -> None:
-        """Queue a freshly spooled message for immediate delivery."""
-        keep = self._memory + len(data) <= _MEMORY_BUDGET
-        if keep:
+    def submit(self, message: QueuedMessage, data: bytes | None) -> None:
+        """Queue a freshly spooled message for immediate delivery (None: read it back later)."""
+        keep = data is not None and self._memory + len(data) <= _MEMORY_BUDGET
+        if keep and data is not None:
             self._memory += len(data)
         self._ready.put_nowait(_Job(message.priority, message.created, next(self._seq),
                                     message.id, message, data if keep else None))

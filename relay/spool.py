@@ -34,6 +34,7 @@ from relay.bodyfiles import (
     list_orphans,
     quarantine_unknown,
     restore_files,
+    write_joined,
     write_synced,
 )
 from relay.envelope import Envelope
@@ -287,16 +288,17 @@ class SpoolDB:
     def insert(self, envelope: Envelope, priority: int, now: float) -> None:
         ctx = envelope.context
         recipients = _encode_recipients(Recipient(address) for address in ctx.rcpt_tos)
-        in_file = len(envelope.data) > FILE_BODY_THRESHOLD
+        size = envelope.size
+        in_file = envelope.body_file is not None or size > FILE_BODY_THRESHOLD
         if in_file:
             saved = SavedEnvelope(ctx.mail_from, ctx.rcpt_tos, envelope.mail_options, priority,
                                   now, ctx.client_ip, ctx.auth_user, ctx.listener)
-            self._write_body(ctx.queue_id, envelope.data, saved)
+            self._write_body(ctx.queue_id, envelope, saved)
         try:
             self.conn.execute(
                 _INSERT,
                 (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
-                 json.dumps(list(envelope.mail_options)), len(envelope.data), ctx.client_ip,
+                 json.dumps(list(envelope.mail_options)), size, ctx.client_ip,
                  ctx.auth_user, ctx.listener, None if in_file else envelope.data, int(in_file)),
             )
         except sqlite3.Error:
@@ -314,7 +316,7 @@ class SpoolDB:
         body = self._body_path(message_id)
         return body, envelope_path(body)
 
-    def _write_body(self, message_id: str, data: bytes, saved: SavedEnvelope) -> None:
+    def _write_body(self, message_id: str, envelope: Envelope, saved: SavedEnvelope) -> None:
         """Write and fsync a body file and its envelope sidecar before the row commits.
 
         The sidecar lets `queue recover` send the body again exactly if the row is ever lost;
@@ -322,7 +324,11 @@ class SpoolDB:
         """
         self.bodies.mkdir(mode=0o700, exist_ok=True)
         body, sidecar = self._body_files(message_id)
-        write_synced(body, data)
+        if envelope.body_file is None:
+            write_synced(body, envelope.data)
+        else:
+            write_joined(body, envelope.data, envelope.body_file)
+            envelope.body_file.unlink()
         try:
             write_synced(sidecar, saved.to_json())
             fsync_dir(self.bodies)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.bodyfiles import PARTIAL_SUFFIX
 from relay.envelope import MessageContext
 from relay.message import Arrival, MessageRefused, prepare, prepare_head
+from relay.spool import BODIES_DIR, Spool, SpoolDB
 from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter
 
 CTX = MessageContext(queue_id="Q1", mail_from="a@b", rcpt_tos=("c@d",), client_ip="192.0.2.1",
@@ -120,3 +123,14 @@ def test_known_cases() -> None:
                  b"a: b\r\n\r\n" + b"z" * 998 + b"\r\n.\r\n", b"a\n\nb\rc\r\n.\r\nQUIT\r\n"]:
         for size in (1, 2, 3, 5, 997, 998, 999, 4096):
             _check(wire, list(range(size, len(wire), size)))
+
+
+def test_partial_bodies_are_removed_at_start(tmp_path: Path) -> None:
+    """A body left half-received by a crash or a disconnect mid-DATA was never acknowledged."""
+    SpoolDB(tmp_path).close()
+    bodies = tmp_path / BODIES_DIR
+    bodies.mkdir(exist_ok=True)
+    (bodies / f"0123ABC{PARTIAL_SUFFIX}").write_bytes(b"half a body")
+    spool = Spool(tmp_path)
+    spool.db.close()
+    assert list(bodies.iterdir()) == []
