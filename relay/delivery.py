@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from relay.config import Config
 from relay.metrics import Metrics
+from relay.outgoing import MessageData, MessageFile, message_size
 from relay.spool import Outcome, QueuedMessage, Recipient, Spool, State
 from relay.upstream import (
     SendResult,
@@ -339,9 +340,17 @@ class Delivery:
         message = job.message or await self.spool.get(job.id)
         if message is None or message.state not in ("queued", "deferred") or not message.pending:
             return None
-        data = job.data if job.data is not None else await self.spool.data(job.id)
+        data = job.data if job.data is not None else await self.spool.source(job.id)
         if data is None:
             return None
+        try:
+            return await self._send(connection, message, data)
+        finally:
+            if isinstance(data, MessageFile):
+                data.close()
+
+    async def _send(self, connection: Upstream, message: QueuedMessage, data: MessageData
+                    ) -> asyncio.Future[bool] | None:
         started = time.monotonic()
         try:
             result = await connection.send(message.mail_from, message.pending, data,
@@ -354,7 +363,7 @@ class Delivery:
             return self._on_unavailable(message, str(exc))
         if not result.local:
             self.health.record_success(connection.smtputf8)
-            self.metrics.observe_send(time.monotonic() - started, result, len(data))
+            self.metrics.observe_send(time.monotonic() - started, result, message_size(data))
         outcome = decide_outcome(message, result, time.time(), self.config)
         return self._record(message, outcome)
 

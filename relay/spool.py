@@ -40,6 +40,7 @@ from relay.bodyfiles import (
 from relay.envelope import Envelope
 from relay.errors import SpoolError
 from relay.infobip.priority import PRIORITY_NAMES
+from relay.outgoing import MessageData, MessageFile
 
 log = logging.getLogger("relay.spool")
 
@@ -431,6 +432,22 @@ class SpoolDB:
                 return None
         return None
 
+    def source(self, message_id: str) -> MessageData | None:
+        """What to send: the bytes of a small message, an open file for a body file."""
+        row = self.conn.execute("SELECT data, body_file, state FROM messages WHERE id=?",
+                                (message_id,)).fetchone()
+        if row is None:
+            return None
+        if row[0] is not None:
+            return bytes(row[0])
+        if not row[1] or row[2] == "delivered":
+            return None
+        try:
+            file = self._body_path(message_id).open("rb")
+        except FileNotFoundError:
+            return None
+        return MessageFile(file, os.fstat(file.fileno()).st_size)
+
     def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
         """(id, priority, created) of queued/deferred messages due by ``now``, most urgent first."""
         return self.conn.execute(
@@ -666,6 +683,11 @@ class Spool:
 
     async def data(self, message_id: str) -> bytes | None:
         result: bytes | None = await self._submit(lambda db: db.data(message_id))
+        return result
+
+    async def source(self, message_id: str) -> MessageData | None:
+        """The message to send, the body file opened but not read (close it when done)."""
+        result: MessageData | None = await self._submit(lambda db: db.source(message_id))
         return result
 
     async def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:

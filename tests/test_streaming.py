@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from relay.bodyfiles import PARTIAL_SUFFIX
 from relay.envelope import MessageContext
 from relay.message import Arrival, MessageRefused, prepare, prepare_head
+from relay.outgoing import CHUNK, DotStuffer, MessageFile
 from relay.spool import BODIES_DIR, Spool, SpoolDB
 from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter
 
@@ -134,3 +136,49 @@ def test_partial_bodies_are_removed_at_start(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.db.close()
     assert list(bodies.iterdir()) == []
+
+
+def whole_stuff(data: bytes) -> bytes:
+    """The oracle: the upstream's former whole-message dot-stuffing (relay.upstream._data)."""
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def stuffed(chunks: list[bytes]) -> bytes:
+    stuffer = DotStuffer()
+    return b"".join(stuffer.feed(chunk) for chunk in chunks) + stuffer.finish()
+
+
+@settings(max_examples=400, deadline=None)
+@given(wires, st.lists(st.integers(0, 8000), max_size=12))
+def test_dot_stuffing_any_split_equals_the_whole_message(data: bytes, cuts: list[int]) -> None:
+    assert stuffed(split_at(data, cuts)) == whole_stuff(data)
+    assert stuffed(split_at(data, list(range(len(data))))) == whole_stuff(data)
+
+
+def test_dot_stuffing_known_cases() -> None:
+    for data in [b"", b".", b"\r\n", b".\r\n", b"a\r\n.\r\n.", b"\r", b"\n."]:
+        for size in (1, 2, 3):
+            assert stuffed(split_at(data, list(range(size, len(data), size)))) == \
+                whole_stuff(data)
+
+
+def test_a_message_file_is_read_in_chunks_from_its_start(tmp_path: Path) -> None:
+    path = tmp_path / "body"
+    data = bytes(range(256)) * 4099
+    path.write_bytes(data)
+    message = MessageFile(path.open("rb"), len(data))
+
+    async def read() -> list[bytes]:
+        return [chunk async for chunk in message.chunks()]
+
+    try:
+        for _ in range(2):  # a retry reads it again from the start
+            chunks = asyncio.run(read())
+            assert b"".join(chunks) == data
+            assert max(len(chunk) for chunk in chunks) <= CHUNK
+    finally:
+        message.close()
