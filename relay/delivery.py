@@ -71,10 +71,14 @@ class UpstreamHealth:
         self.last_error: str | None = None
         # Learnt from the upstream's EHLO; the listener refuses what it could not forward.
         self.smtputf8: bool | None = None
+        # The upstream's EHLO SIZE: the listener never accepts a message it could not forward.
+        self.max_size: int | None = None
 
-    def record_success(self, smtputf8: bool | None = None) -> None:
+    def record_success(self, smtputf8: bool | None = None, max_size: int | None = None
+                       ) -> None:
         if smtputf8 is not None:
             self.smtputf8 = smtputf8
+            self.max_size = max_size  # learnt at the same EHLO (None: no limit advertised)
         self.failures = 0
         self.down_until = 0.0
         self.auth_failed = False
@@ -269,6 +273,10 @@ class Delivery:
         return self.health.smtputf8
 
     @property
+    def upstream_max_size(self) -> int | None:
+        return self.health.max_size
+
+    @property
     def open_connections(self) -> int:
         return sum(1 for connection in self._connections if connection.connected)
 
@@ -362,7 +370,7 @@ class Delivery:
         except UpstreamUnavailable as exc:
             return self._on_unavailable(message, str(exc))
         if not result.local:
-            self.health.record_success(connection.smtputf8)
+            self.health.record_success(connection.smtputf8, connection.max_size)
             self.metrics.observe_send(time.monotonic() - started, result, message_size(data))
         outcome = decide_outcome(message, result, time.time(), self.config)
         return self._record(message, outcome)
@@ -491,7 +499,7 @@ class Delivery:
         else:
             if self.health.paused:
                 log.info("upstream is reachable again; resuming delivery")
-            self.health.record_success(connection.smtputf8)
+            self.health.record_success(connection.smtputf8, connection.max_size)
             self._resume.set()
         finally:
             await connection.close()

@@ -76,6 +76,9 @@ class MessageSink(Protocol):
     @property
     def upstream_smtputf8(self) -> bool | None:
         """Whether the upstream advertised SMTPUTF8 (None until it was reached)."""
+    @property
+    def upstream_max_size(self) -> int | None:
+        """The SIZE the upstream advertised (None: not reached yet, or no limit)."""
 
 
 @dataclass
@@ -738,6 +741,11 @@ class RelayHandler:
                                      self.state.sink.upstream_smtputf8)
         message = Envelope(ctx, data, options, received.body_file)
         size = message.size
+        upstream_limit = self.state.sink.upstream_max_size
+        if upstream_limit is not None and size > upstream_limit:
+            # The relay's own additions took it over what the upstream accepts: refused now
+            # rather than bounced later.
+            return "552 5.3.4 Message size exceeds the upstream's limit once prepared"
         priority = prepared.priority
         sink = self.state.sink
         sink.reserve(queue_id)
@@ -830,6 +838,17 @@ def _current_listener(config: Config, listener: ListenerConfig) -> ListenerConfi
     return listener
 
 
+def size_limit(configured: int, upstream: int | None) -> int:
+    """The listener's limit (EHLO SIZE, MAIL SIZE=, DATA): never above what the upstream takes.
+
+    The relay adds trace fields and may lengthen lines, so a message near the upstream's limit
+    is also checked once prepared (handle_DATA); this keeps the advertised figure honest.
+    """
+    if upstream is None or (configured and configured <= upstream):
+        return configured
+    return upstream
+
+
 ProtocolFactory = Callable[[], RelaySMTP]
 
 
@@ -842,7 +861,8 @@ def protocol_factory(listener: ListenerConfig, state: ListenerState) -> Protocol
         starttls = state.tls_contexts.get(listener.name) if listener.tls == "starttls" else None
         return RelaySMTP(
             handler, state, listener,
-            data_size_limit=config.access.max_message_size,
+            data_size_limit=size_limit(config.access.max_message_size,
+                                       state.sink.upstream_max_size),
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=config.hostname,

@@ -94,6 +94,11 @@ class Upstream(Protocol):
         """Whether the upstream advertised SMTPUTF8 at the last EHLO (None before any)."""
         ...
 
+    @property
+    def max_size(self) -> int | None:
+        """The SIZE the upstream advertised at the last EHLO (None: none, or none known)."""
+        ...
+
     async def send(self, mail_from: str, recipients: tuple[str, ...], data: MessageData,
                    mail_options: tuple[str, ...] = ()) -> SendResult:
         """Forward one message; per-recipient results, or an `UpstreamError` about the session:
@@ -117,6 +122,12 @@ def connection_factory(config: UpstreamConfig, local_hostname: str
                        ) -> Callable[[], UpstreamConnection]:
     """A factory of connections to the upstream ``config`` describes (one TLS context for all)."""
     return functools.partial(UpstreamConnection, config, local_hostname, config.ssl_context())
+
+
+def advertised_size(value: str) -> int | None:
+    """RFC 1870: the SIZE keyword's value; 0 or nothing means no fixed limit (None)."""
+    value = value.strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _reply(code: int, message: str) -> str:
@@ -166,6 +177,7 @@ class UpstreamConnection:
         self.ssl_context = ssl_context
         self._smtp: aiosmtplib.SMTP | None = None
         self._smtputf8: bool | None = None
+        self._max_size: int | None = None
         self._last_used = 0.0
 
     @property
@@ -176,6 +188,10 @@ class UpstreamConnection:
     def smtputf8(self) -> bool | None:
         """Whether the server advertised SMTPUTF8 at the last EHLO (None before any)."""
         return self._smtputf8
+
+    @property
+    def max_size(self) -> int | None:
+        return self._max_size
 
     async def send(self, mail_from: str, recipients: tuple[str, ...], data: MessageData,
                    mail_options: tuple[str, ...] = ()) -> SendResult:
@@ -304,6 +320,7 @@ class UpstreamConnection:
                 raise UpstreamUnavailable(f"{where}: TLS is not active; refusing to send")
             await smtp.ehlo()
             self._smtputf8 = smtp.supports_extension("smtputf8")
+            self._max_size = advertised_size(smtp.esmtp_extensions.get("size", ""))
             await self._authenticate(smtp)
         except UpstreamError:
             smtp.close()

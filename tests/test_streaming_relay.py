@@ -88,3 +88,29 @@ def test_a_disconnect_mid_data_leaves_no_file(fake_upstream, start_relay):
                    what="a partial body file")
     wait_until(lambda: body_files(relay) == [], what="the partial body file removed")
     assert spool_messages(relay) == []
+
+
+def test_the_listener_never_accepts_more_than_the_upstream_advertised(fake_upstream_factory,
+                                                                       start_relay):
+    upstream = fake_upstream_factory(size_limit=100_000)
+    relay = start_relay(upstream, access={"max_message_size": "1MiB"})
+    with smtplib.SMTP(*relay.address, timeout=30) as client:
+        client.ehlo("client.example.com")
+        assert client.esmtp_features["size"] == str(1024 * 1024)  # upstream not reached yet
+        client.sendmail("app@example.com", ["user@example.net"], HEAD + b"first\r\n")
+    upstream.wait_for(1)
+    wait_until(lambda: relay.server.delivery.health.max_size == 100_000, what="upstream SIZE")
+    with smtplib.SMTP(*relay.address, timeout=30) as client:
+        client.ehlo("client.example.com")
+        assert client.esmtp_features["size"] == "100000"
+        code, reply = client.mail("app@example.com", ["SIZE=100001"])
+        assert (code, reply[:5]) == (552, b"5.3.4")
+        client.rset()
+        client.mail("app@example.com")
+        client.rcpt("user@example.net")
+        # Within the limit as sent, over it with the relay's Received header added.
+        code, reply = client.data(HEAD + b"z" * (100_000 - len(HEAD) - 200) + b"\r\n")
+        assert (code, reply[:5]) == (552, b"5.3.4")
+        assert client.noop()[0] == 250
+    assert len(spool_messages(relay)) == 1
+    assert body_files(relay) == []
