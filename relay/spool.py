@@ -286,15 +286,15 @@ class SpoolDB:
     def pending_unlinks(self) -> int:
         return len(self._unlink_after_commit)
 
-    def insert(self, envelope: Envelope, priority: int, now: float) -> None:
+    def insert(self, envelope: Envelope, priority: int, now: float, *,
+               written: int | None = None) -> None:
+        """Add a queued message; ``written``: its body files are written already, this size."""
         ctx = envelope.context
         recipients = _encode_recipients(Recipient(address) for address in ctx.rcpt_tos)
-        size = envelope.size
-        in_file = envelope.body_file is not None or size > FILE_BODY_THRESHOLD
-        if in_file:
-            saved = SavedEnvelope(ctx.mail_from, ctx.rcpt_tos, envelope.mail_options, priority,
-                                  now, ctx.client_ip, ctx.auth_user, ctx.listener)
-            self._write_body(ctx.queue_id, envelope, saved)
+        size = envelope.size if written is None else written
+        in_file = in_body_file(envelope, size)
+        if in_file and written is None:
+            self.write_body_files(envelope, priority, now)
         try:
             self.conn.execute(
                 _INSERT,
@@ -308,6 +308,13 @@ class SpoolDB:
                     with contextlib.suppress(OSError):
                         path.unlink()
             raise
+
+    def write_body_files(self, envelope: Envelope, priority: int, now: float) -> None:
+        """Write and fsync a message's body file and sidecar (no database: any thread)."""
+        ctx = envelope.context
+        saved = SavedEnvelope(ctx.mail_from, ctx.rcpt_tos, envelope.mail_options, priority,
+                              now, ctx.client_ip, ctx.auth_user, ctx.listener)
+        self._write_body(ctx.queue_id, envelope, saved)
 
     def _body_path(self, message_id: str) -> Path:
         return self.bodies / message_id
@@ -476,6 +483,11 @@ class SpoolDB:
         row = self.conn.execute(
             "SELECT MIN(created) FROM messages WHERE state IN ('queued', 'deferred')").fetchone()
         return row[0] if row else None
+
+
+def in_body_file(envelope: Envelope, size: int) -> bool:
+    """Whether a message's body goes to a file of its own (streamed, or large)."""
+    return envelope.body_file is not None or size > FILE_BODY_THRESHOLD
 
 
 def worker_spool_dir(directory: Path, index: int) -> Path:
@@ -668,9 +680,22 @@ class Spool:
     # -- async API
 
     async def put(self, envelope: Envelope, priority: int) -> None:
-        """Store a message; returns only once it is fsynced. Raises SpoolError otherwise."""
+        """Store a message; returns only once it is fsynced. Raises SpoolError otherwise.
+
+        A large body is written and fsynced in a worker thread first: in the writer thread
+        its fsync would hold up the group commit of every small message behind it.
+        """
         now = time.time()
-        await self._submit(lambda db: db.insert(envelope, priority, now), write=True)
+        size = envelope.size
+        if not in_body_file(envelope, size):
+            await self._submit(lambda db: db.insert(envelope, priority, now), write=True)
+            return
+        try:
+            await asyncio.to_thread(self.db.write_body_files, envelope, priority, now)
+        except OSError as exc:
+            raise SpoolError(f"spool error: {exc}") from exc
+        await self._submit(lambda db: db.insert(envelope, priority, now, written=size),
+                           write=True)
 
     def record_soon(self, message_id: str, outcome: Outcome) -> asyncio.Future[bool]:
         """Queue an outcome for the next group commit; the future resolves once it is durable."""
