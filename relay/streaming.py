@@ -66,11 +66,13 @@ class HeaderSplitter:
 
     def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
         """``(header part, rest)`` once the split is known, else None (data kept)."""
-        self._data += data
         held = self._data
+        # Searched before up to here: a client sending a byte at a time costs linear time.
+        start = max(0, len(held) - 2)
+        held += data
         if len(held) < 2:
             return None
-        end = header_end(bytes(held))
+        end = header_end(held, start)
         if end >= len(held):
             return None  # no blank line yet: the header may still go on
         return bytes(held[:end]), bytes(held[end:])

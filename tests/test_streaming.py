@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -182,3 +183,18 @@ def test_a_message_file_is_read_in_chunks_from_its_start(tmp_path: Path) -> None
             assert max(len(chunk) for chunk in chunks) <= CHUNK
     finally:
         message.close()
+
+
+def test_a_header_sent_one_octet_at_a_time_costs_linear_time() -> None:
+    """Each piece is searched once: 200 KiB of header in 1-octet reads is not quadratic."""
+    header = b"X-Filler: " + b"v" * 100 + b"\r\n"
+    data = header * (200 * 1024 // len(header)) + b"\r\nbody\r\n"
+    splitter = HeaderSplitter(256 * 1024)
+    started = time.monotonic()
+    split = None
+    for index in range(len(data)):
+        split = splitter.feed(data[index:index + 1])
+        if split is not None:
+            break
+    assert split is not None and split[0] + split[1] == data[:index + 1]
+    assert time.monotonic() - started < 5
