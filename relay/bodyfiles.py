@@ -180,9 +180,7 @@ def quarantine_unknown(bodies: Path, states: Mapping[str, str]) -> list[str]:
         if not path.is_file():  # orphaned/ itself
             continue
         if path.name.endswith(PARTIAL_SUFFIX):
-            # Never acknowledged (DATA was not complete): nothing to keep.
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            _remove_partial(path)
             continue
         message_id = path.name.removesuffix(ENVELOPE_SUFFIX)
         state = states.get(message_id)
@@ -196,6 +194,19 @@ def quarantine_unknown(bodies: Path, states: Mapping[str, str]) -> list[str]:
         fsync_dir(bodies / ORPHANED_DIR)
         fsync_dir(bodies)
     return sorted(quarantined)
+
+
+def remove_partial_bodies(bodies: Path) -> None:
+    """Remove the bodies left half-received in ``bodies`` (by a crash or a disconnect)."""
+    if bodies.is_dir():
+        for path in bodies.glob(f"*{PARTIAL_SUFFIX}"):
+            _remove_partial(path)
+
+
+def _remove_partial(path: Path) -> None:
+    # Never acknowledged (DATA was not complete): nothing to keep.
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _move_to_quarantine(bodies: Path, path: Path) -> None:

@@ -33,6 +33,7 @@ from relay.bodyfiles import (
     fsync_dir,
     list_orphans,
     quarantine_unknown,
+    remove_partial_bodies,
     restore_files,
     write_joined,
     write_synced,
@@ -546,6 +547,7 @@ def absorb_spool(target: SpoolDB, source_dir: Path) -> int:
                 f"INSERT OR IGNORE INTO messages VALUES ({marks})", rows))  # noqa: S608
             _move_body_files(source, target)
             source.transaction(lambda: source.conn.execute("DELETE FROM messages"))
+        remove_partial_bodies(source.bodies)  # that worker is gone: nobody finishes them
     finally:
         source.close()
     return len(rows)

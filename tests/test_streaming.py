@@ -14,7 +14,7 @@ from relay.bodyfiles import PARTIAL_SUFFIX
 from relay.envelope import MessageContext
 from relay.message import Arrival, MessageRefused, prepare, prepare_head
 from relay.outgoing import CHUNK, DotStuffer, MessageFile
-from relay.spool import BODIES_DIR, Spool, SpoolDB
+from relay.spool import BODIES_DIR, Spool, SpoolDB, absorb_spool
 from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter
 
 CTX = MessageContext(queue_id="Q1", mail_from="a@b", rcpt_tos=("c@d",), client_ip="192.0.2.1",
@@ -198,3 +198,14 @@ def test_a_header_sent_one_octet_at_a_time_costs_linear_time() -> None:
             break
     assert split is not None and split[0] + split[1] == data[:index + 1]
     assert time.monotonic() - started < 5
+
+
+def test_absorbing_a_worker_spool_removes_its_partial_bodies(tmp_path: Path) -> None:
+    SpoolDB(tmp_path / "worker-1").close()
+    bodies = tmp_path / "worker-1" / BODIES_DIR
+    bodies.mkdir(exist_ok=True)
+    (bodies / f"0123ABC{PARTIAL_SUFFIX}").write_bytes(b"half a body")
+    target = SpoolDB(tmp_path / "main")
+    assert absorb_spool(target, tmp_path / "worker-1") == 0
+    target.close()
+    assert list(bodies.iterdir()) == []
