@@ -21,6 +21,9 @@ from typing import Any
 
 ORPHANED_DIR = "orphaned"
 ENVELOPE_SUFFIX = ".env"
+# A body being received: renamed (joined to its header block) only once DATA is complete, so
+# one left by a crash or a disconnect is recognisably unfinished and removed at start.
+PARTIAL_SUFFIX = ".partial"
 STANDARD_PRIORITY = 1
 # Queue ids are upper-case hex today; anything outside this set is not a name the relay wrote,
 # and an id given on the command line must never walk out of the directory.
@@ -127,6 +130,31 @@ def write_synced(path: Path, data: bytes) -> None:
     os.close(fd)
 
 
+def write_joined(path: Path, head: bytes, body: Path) -> None:
+    """Create ``path`` (0600) with ``head`` then the content of ``body``, and fsync it.
+
+    The body is copied by the kernel (copy_file_range), never through the relay's memory.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(head)
+        while view:
+            view = view[os.write(fd, view):]
+        with open(body, "rb") as source:
+            left = os.fstat(source.fileno()).st_size
+            while left > 0:
+                copied = os.copy_file_range(source.fileno(), fd, left)
+                if copied <= 0:
+                    raise OSError(f"short copy of {body}")
+                left -= copied
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        path.unlink()
+        raise
+    os.close(fd)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make renames and new entries in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
@@ -151,6 +179,9 @@ def quarantine_unknown(bodies: Path, states: Mapping[str, str]) -> list[str]:
     for path in bodies.iterdir():
         if not path.is_file():  # orphaned/ itself
             continue
+        if path.name.endswith(PARTIAL_SUFFIX):
+            _remove_partial(path)
+            continue
         message_id = path.name.removesuffix(ENVELOPE_SUFFIX)
         state = states.get(message_id)
         if state == "delivered":
@@ -163,6 +194,19 @@ def quarantine_unknown(bodies: Path, states: Mapping[str, str]) -> list[str]:
         fsync_dir(bodies / ORPHANED_DIR)
         fsync_dir(bodies)
     return sorted(quarantined)
+
+
+def remove_partial_bodies(bodies: Path) -> None:
+    """Remove the bodies left half-received in ``bodies`` (by a crash or a disconnect)."""
+    if bodies.is_dir():
+        for path in bodies.glob(f"*{PARTIAL_SUFFIX}"):
+            _remove_partial(path)
+
+
+def _remove_partial(path: Path) -> None:
+    # Never acknowledged (DATA was not complete): nothing to keep.
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _move_to_quarantine(bodies: Path, path: Path) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from relay.config import Config
 from relay.metrics import Metrics
+from relay.outgoing import MessageData, MessageFile, message_size
 from relay.spool import Outcome, QueuedMessage, Recipient, Spool, State
 from relay.upstream import (
     SendResult,
@@ -70,10 +71,14 @@ class UpstreamHealth:
         self.last_error: str | None = None
         # Learnt from the upstream's EHLO; the listener refuses what it could not forward.
         self.smtputf8: bool | None = None
+        # The upstream's EHLO SIZE: the listener never accepts a message it could not forward.
+        self.max_size: int | None = None
 
-    def record_success(self, smtputf8: bool | None = None) -> None:
+    def record_success(self, smtputf8: bool | None = None, max_size: int | None = None
+                       ) -> None:
         if smtputf8 is not None:
             self.smtputf8 = smtputf8
+            self.max_size = max_size  # learnt at the same EHLO (None: no limit advertised)
         self.failures = 0
         self.down_until = 0.0
         self.auth_failed = False
@@ -255,10 +260,10 @@ class Delivery:
     def release(self, message_id: str) -> None:
         self._known.discard(message_id)
 
-    def submit(self, message: QueuedMessage, data: bytes) -> None:
-        """Queue a freshly spooled message for immediate delivery."""
-        keep = self._memory + len(data) <= _MEMORY_BUDGET
-        if keep:
+    def submit(self, message: QueuedMessage, data: bytes | None) -> None:
+        """Queue a freshly spooled message for immediate delivery (None: read it back later)."""
+        keep = data is not None and self._memory + len(data) <= _MEMORY_BUDGET
+        if keep and data is not None:
             self._memory += len(data)
         self._ready.put_nowait(_Job(message.priority, message.created, next(self._seq),
                                     message.id, message, data if keep else None))
@@ -266,6 +271,10 @@ class Delivery:
     @property
     def upstream_smtputf8(self) -> bool | None:
         return self.health.smtputf8
+
+    @property
+    def upstream_max_size(self) -> int | None:
+        return self.health.max_size
 
     @property
     def open_connections(self) -> int:
@@ -339,9 +348,17 @@ class Delivery:
         message = job.message or await self.spool.get(job.id)
         if message is None or message.state not in ("queued", "deferred") or not message.pending:
             return None
-        data = job.data if job.data is not None else await self.spool.data(job.id)
+        data = job.data if job.data is not None else await self.spool.source(job.id)
         if data is None:
             return None
+        try:
+            return await self._send(connection, message, data)
+        finally:
+            if isinstance(data, MessageFile):
+                data.close()
+
+    async def _send(self, connection: Upstream, message: QueuedMessage, data: MessageData
+                    ) -> asyncio.Future[bool] | None:
         started = time.monotonic()
         try:
             result = await connection.send(message.mail_from, message.pending, data,
@@ -353,8 +370,8 @@ class Delivery:
         except UpstreamUnavailable as exc:
             return self._on_unavailable(message, str(exc))
         if not result.local:
-            self.health.record_success(connection.smtputf8)
-            self.metrics.observe_send(time.monotonic() - started, result, len(data))
+            self.health.record_success(connection.smtputf8, connection.max_size)
+            self.metrics.observe_send(time.monotonic() - started, result, message_size(data))
         outcome = decide_outcome(message, result, time.time(), self.config)
         return self._record(message, outcome)
 
@@ -482,7 +499,7 @@ class Delivery:
         else:
             if self.health.paused:
                 log.info("upstream is reachable again; resuming delivery")
-            self.health.record_success(connection.smtputf8)
+            self.health.record_success(connection.smtputf8, connection.max_size)
             self._resume.set()
         finally:
             await connection.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,3 +29,11 @@ class Envelope:
     data: bytes
     # ESMTP options the client used that must be repeated upstream (BODY=8BITMIME, SMTPUTF8).
     mail_options: tuple[str, ...] = ()
+    # A streamed message: ``data`` is then only the header block, and the body (from the blank
+    # line on) waits in this file under the spool's bodies/ directory, to be joined to it.
+    body_file: Path | None = None
+
+    @property
+    def size(self) -> int:
+        body = self.body_file.stat().st_size if self.body_file is not None else 0
+        return len(self.data) + body

@@ -51,16 +51,17 @@ class _Field:
     raw: bytes
 
 
-def header_end(data: bytes) -> int:
+def header_end(data: bytes | bytearray, start: int = 0) -> int:
     """Return the offset where the header block ends (see the module docstring).
 
     Any mix of CRLF and bare LF line endings is understood, so that the listener can split a
     message before it fixes line endings; on CRLF data this is the first CRLF CRLF + 2. The
-    block never includes the blank line: ``data[offset:]`` starts with it.
+    block never includes the blank line: ``data[offset:]`` starts with it. ``start``: where
+    the blank line may begin at the earliest (data before it was searched already).
     """
     if data[:1] == b"\n" or data[:2] == CRLF:
         return 0  # a blank first line: no header at all
-    match = _BLANK_LINE.search(data)
+    match = _BLANK_LINE.search(data, start)
     return match.start() + 1 if match else len(data)
 
 

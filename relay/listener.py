@@ -13,12 +13,14 @@ import contextlib
 import fnmatch
 import itertools
 import logging
+import os
 import re
 import secrets
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
@@ -27,14 +29,16 @@ from aiosmtpd.smtp import Session as SMTPSession
 
 from relay import __version__
 from relay.address import AddressError, parse_path
+from relay.bodyfiles import PARTIAL_SUFFIX
 from relay.config import Config, ListenerConfig
 from relay.envelope import Envelope, MessageContext
 from relay.errors import SpoolError
-from relay.message import Arrival, MessageRefused, prepare
+from relay.message import Arrival, MessageRefused, PreparedMessage, prepare_head
 from relay.metrics import Metrics
 from relay.passwords import verify_password
 from relay.rules import apply_rules
-from relay.spool import QueuedMessage, Recipient, Spool
+from relay.spool import FILE_BODY_THRESHOLD, QueuedMessage, Recipient, Spool
+from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter
 
 log = logging.getLogger("relay.listener")
 
@@ -47,7 +51,12 @@ _DEFAULT_ENHANCED = {
     b"530": b"5.7.0", b"535": b"5.7.8", b"538": b"5.7.11", b"550": b"5.7.1", b"552": b"5.3.4",
     b"553": b"5.1.3", b"554": b"5.3.0", b"555": b"5.5.4",
 }
-_DATA_CHUNK = 256 * 1024
+_DATA_CHUNK = 64 * 1024
+# The header block stays in memory for the rules; a client cannot make that unbounded.
+HEADER_LIMIT = 256 * 1024
+_TOO_MUCH = "552 Error: Too much mail data"
+_NO_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
+_HEADER_TOO_LONG = "552 5.3.4 Message header block too long (limit 256 KiB)"
 # RFC 5321 4.5.3.1.4 allows 512 octets a command line; the rest is room for ESMTP parameters
 # and AUTH PLAIN's initial response. DATA does not go through this limit (see _read_data).
 COMMAND_LINE_LIMIT = 2048
@@ -63,10 +72,13 @@ class MessageSink(Protocol):
 
     def reserve(self, message_id: str) -> None: ...
     def release(self, message_id: str) -> None: ...
-    def submit(self, message: QueuedMessage, data: bytes) -> None: ...
+    def submit(self, message: QueuedMessage, data: bytes | None) -> None: ...
     @property
     def upstream_smtputf8(self) -> bool | None:
         """Whether the upstream advertised SMTPUTF8 (None until it was reached)."""
+    @property
+    def upstream_max_size(self) -> int | None:
+        """The SIZE the upstream advertised (None: not reached yet, or no limit)."""
 
 
 @dataclass
@@ -137,6 +149,75 @@ class _CommandLineReader:
         setattr(self._inner, name, value)
 
 
+@dataclass(slots=True)
+class Received:
+    """One message's DATA as read: the raw header part in memory, the fixed body after it."""
+
+    head: bytes
+    last: bool  # no blank line: the header part is the whole message
+    body: bytes  # the fixed body when it stayed small, else b""
+    body_file: Path | None  # the fixed body, when it went to disk
+    size: int  # octets of (unstuffed) data as the client sent them
+    ascii: bool
+
+
+class _BodyWriter:
+    """The fixed body: in memory while small, then appended to ``bodies/<id>.partial``.
+
+    Writes go to the page cache and do not block for long; the fsync comes later, in the
+    spool's writer thread, before the 250.
+    """
+
+    __slots__ = ("_fd", "ascii", "memory", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.memory = bytearray()
+        self._fd: int | None = None
+        self.ascii = True
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.ascii = self.ascii and data.isascii()
+        if self._fd is None:
+            self.memory += data
+            if len(self.memory) <= FILE_BODY_THRESHOLD:
+                return
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            data, self.memory = bytes(self.memory), bytearray()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def close(self) -> Path | None:
+        """The file holding the body, or None when it stayed in memory."""
+        if self._fd is None:
+            return None
+        os.close(self._fd)
+        self._fd = None
+        return self.path
+
+    def discard(self) -> None:
+        self.memory = bytearray()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _write_body(body: _BodyWriter, data: bytes) -> str | None:
+    """None, or the refusal when the body cannot be written (a full disk): the rest drains."""
+    try:
+        body.write(data)
+    except OSError as exc:
+        log.error("cannot write a message body to %s: %s", body.path, exc)
+        return _NO_STORAGE
+    return None
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol with the relay's limits, enhanced status codes and strict addresses."""
 
@@ -154,6 +235,8 @@ class RelaySMTP(SMTP):
         # Set while MAIL FROM:<> is being rewritten to the configured null-sender address.
         self.null_sender_rewritten = False
         self.address_error: AddressError | None = None
+        self.queue_id = ""
+        self.received: Received | None = None  # the DATA being handled
 
     def _cb_client_connected(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
@@ -290,47 +373,82 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         # aiosmtpd does not reset its idle timer while reading DATA: give the upload its own.
         self._reset_timeout(self.state.config.access.data_timeout)
+        self.queue_id = new_queue_id()
         try:
-            content = await self._read_data()
+            received = await self._read_data(self.queue_id)
         finally:
             if self.transport is not None:  # not after connection_lost cancelled the timer
                 self._reset_timeout()
-        if content is None:
+        if isinstance(received, str):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push("552 Error: Too much mail data")
+            await self.push(received)
             return
-        self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        self.received = received
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self.received = None
+            if received.body_file is not None:  # not spooled: a refusal or an error
+                with contextlib.suppress(FileNotFoundError):
+                    received.body_file.unlink()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
-    async def _read_data(self) -> bytes | None:
-        """The unstuffed message, or None when it exceeded the size limit (then drained)."""
+    async def _read_data(self, queue_id: str) -> Received | str:
+        """The message read to CRLF.CRLF and streamed, or the refusal (then drained).
+
+        Only CRLF.CRLF ends the data (no smuggling with bare LF) and leading dots are
+        unstuffed, as in aiosmtpd 1.4.6; the body goes to disk as it arrives (relay.streaming).
+        """
+        body = _BodyWriter(self.state.spool.db.bodies / f"{queue_id}{PARTIAL_SUFFIX}")
+        try:
+            return await self._stream_data(body)
+        except BaseException:
+            body.discard()  # a disconnect mid-DATA leaves no file
+            raise
+
+    async def _stream_data(self, body: _BodyWriter) -> Received | str:
         reader = self._reader
         limit = self.data_size_limit or 0
-        # A virtual CRLF in front, so that an empty message's lone "." is found like any other.
-        buffer = bytearray(b"\r\n")
-        scan_from = 0
-        too_much = False
-        while (end := buffer.find(b"\r\n.\r\n", scan_from)) < 0:
+        decoder, splitter, fixer = DataDecoder(), HeaderSplitter(HEADER_LIMIT), BodyFixer()
+        head: bytes | None = None
+        refusal: str | None = None
+        size = 0
+        while not decoder.ended:
             chunk = await reader.read(_DATA_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
-            scan_from = max(0, len(buffer) - 4)
-            buffer += chunk
-            if limit and len(buffer) > limit + 2 and buffer.find(b"\r\n.\r\n", scan_from) < 0:
-                too_much = True  # keep reading to the end, but only a tail for the terminator
-                del buffer[:-4]
-                scan_from = 0
-        leftover = buffer[end + 5:]
-        if leftover:  # pipelined commands after the dot go back to the command loop
-            reader._buffer[:0] = leftover  # type: ignore[attr-defined]
-        if too_much or (limit and end > limit):
-            return None
-        data = bytes(buffer[2:end + 2])
-        if data[:1] == b".":
-            data = data[1:]
-        return data.replace(b"\r\n.", b"\r\n") if b"\r\n." in data else data
+            data = decoder.feed(chunk)
+            if refusal is not None:
+                continue  # drained to the end, nothing kept
+            size += len(data)
+            if limit and decoder.size > limit:
+                refusal = _TOO_MUCH
+            elif head is None:
+                split = splitter.feed(data)
+                if split is not None:
+                    head, data = split
+                    refusal = _write_body(body, fixer.feed(data))
+                elif splitter.overflowed:
+                    refusal = _HEADER_TOO_LONG
+            else:
+                refusal = _write_body(body, fixer.feed(data))
+            if refusal is not None:
+                body.discard()
+                splitter = HeaderSplitter(HEADER_LIMIT)  # lets the header part go
+        if decoder.leftover:  # pipelined commands after the dot go back to the command loop
+            reader._buffer[:0] = decoder.leftover  # type: ignore[attr-defined]
+        if refusal is not None:
+            return refusal
+        last = head is None
+        if head is None:
+            head = splitter.finish()
+        refusal = _write_body(body, fixer.finish())
+        if refusal is not None:
+            body.discard()
+            return refusal
+        memory = bytes(body.memory)
+        return Received(head, last, memory, body.close(), size, body.ascii)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -601,24 +719,33 @@ class RelayHandler:
     async def handle_DATA(self, server: RelaySMTP, session: SMTPSession,
                           envelope: SMTPEnvelope) -> str:
         metrics = self.state.metrics
-        raw: bytes = envelope.original_content or b""
+        received = server.received
+        assert received is not None
         metrics.received.labels(listener=self.listener.name).inc()
-        metrics.bytes_in.inc(len(raw))
-        queue_id = new_queue_id()
-        ctx = self._context(server, session, envelope, queue_id, len(raw))
+        metrics.bytes_in.inc(received.size)
+        queue_id = server.queue_id
+        ctx = self._context(server, session, envelope, queue_id, received.size)
         try:
-            prepared = prepare(raw, ctx, self._arrival(server, session, envelope))
+            head = prepare_head(received.head, ctx, self._arrival(server, session, envelope),
+                                last=received.last)
         except MessageRefused as refusal:
             return refusal.reply
         # The rules edit the header block only; the body is joined to it once, after them.
-        outcome = apply_rules(self.state.config.rules, ctx, prepared.header_block,
+        outcome = apply_rules(self.state.config.rules, ctx, head,
                               client_headers=self.listener.client_headers)
         self._count_rules(outcome.matched, outcome.fixed, outcome.dropped, outcome.warnings,
                           queue_id)
-        prepared = prepared.with_header_block(outcome.data)
+        prepared = PreparedMessage(outcome.data, received.body)
         data = prepared.data
-        options = _forwarded_options(envelope, data, self.state.sink.upstream_smtputf8)
-        message = Envelope(ctx, data, options)
+        options = _forwarded_options(envelope, received.ascii and data.isascii(),
+                                     self.state.sink.upstream_smtputf8)
+        message = Envelope(ctx, data, options, received.body_file)
+        size = message.size
+        upstream_limit = self.state.sink.upstream_max_size
+        if upstream_limit is not None and size > upstream_limit:
+            # The relay's own additions took it over what the upstream accepts: refused now
+            # rather than bounced later.
+            return "552 5.3.4 Message size exceeds the upstream's limit once prepared"
         priority = prepared.priority
         sink = self.state.sink
         sink.reserve(queue_id)
@@ -632,13 +759,15 @@ class RelayHandler:
             sink.release(queue_id)
             raise
         metrics.accepted.labels(listener=self.listener.name).inc()
-        sink.submit(_queued(ctx, options, priority, len(data)), data)
+        # A body on disk is read back by the delivery: it is never held whole in memory.
+        sink.submit(_queued(ctx, options, priority, size),
+                    data if received.body_file is None else None)
         if log.isEnabledFor(logging.INFO):  # spares building the fields on the hot path
             log.info("%s queued from %s: <%s> to %d recipient(s), %d bytes", queue_id,
-                     ctx.client_ip, ctx.mail_from, len(ctx.rcpt_tos), len(data),
+                     ctx.client_ip, ctx.mail_from, len(ctx.rcpt_tos), size,
                      extra={"queue_id": queue_id, "client": ctx.client_ip,
                             "sender": ctx.mail_from, "recipients": len(ctx.rcpt_tos),
-                            "size": len(data), "user": ctx.auth_user,
+                            "size": size, "user": ctx.auth_user,
                             "listener": ctx.listener})
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
@@ -677,11 +806,11 @@ class RelayHandler:
 _DUMMY_HASH = "scrypt$16384$8$1$" + "A" * 22 + "==$" + "A" * 43 + "="
 
 
-def _forwarded_options(envelope: SMTPEnvelope, data: bytes, upstream_smtputf8: bool | None
+def _forwarded_options(envelope: SMTPEnvelope, ascii_data: bool, upstream_smtputf8: bool | None
                        ) -> tuple[str, ...]:
     options = []
     if any(option.upper() == "BODY=8BITMIME" for option in envelope.mail_options) or \
-            not data.isascii():
+            not ascii_data:
         options.append("BODY=8BITMIME")
     # Never to an upstream that did not advertise it (Infobip does not): the addresses are
     # ASCII then (non-ASCII ones were refused at MAIL/RCPT), and 8-bit text goes as 8BITMIME.
@@ -709,6 +838,17 @@ def _current_listener(config: Config, listener: ListenerConfig) -> ListenerConfi
     return listener
 
 
+def size_limit(configured: int, upstream: int | None) -> int:
+    """The listener's limit (EHLO SIZE, MAIL SIZE=, DATA): never above what the upstream takes.
+
+    The relay adds trace fields and may lengthen lines, so a message near the upstream's limit
+    is also checked once prepared (handle_DATA); this keeps the advertised figure honest.
+    """
+    if upstream is None or (configured and configured <= upstream):
+        return configured
+    return upstream
+
+
 ProtocolFactory = Callable[[], RelaySMTP]
 
 
@@ -721,7 +861,8 @@ def protocol_factory(listener: ListenerConfig, state: ListenerState) -> Protocol
         starttls = state.tls_contexts.get(listener.name) if listener.tls == "starttls" else None
         return RelaySMTP(
             handler, state, listener,
-            data_size_limit=config.access.max_message_size,
+            data_size_limit=size_limit(config.access.max_message_size,
+                                       state.sink.upstream_max_size),
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=config.hostname,

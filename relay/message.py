@@ -98,12 +98,21 @@ class PreparedMessage:
 def prepare(raw: bytes, ctx: MessageContext, arrival: Arrival) -> PreparedMessage:
     """Prepare DATA as received (unstuffed, any line endings); MessageRefused if it cannot go."""
     end = header_end(raw)
-    if _BARE_CR_OR_NUL.search(raw, 0, end):
+    head = prepare_head(raw[:end], ctx, arrival, last=end == len(raw))
+    return PreparedMessage(head, _body(raw, end))
+
+
+def prepare_head(head: bytes, ctx: MessageContext, arrival: Arrival, *, last: bool) -> bytes:
+    """The header block as sent: trace fields added, lines fixed (``last``: no body follows).
+
+    The streaming listener calls this with the header part it kept in memory.
+    """
+    if _BARE_CR_OR_NUL.search(head):
         # In a header a bare CR would split or hide a field: refused rather than reinterpreted.
-        # In the body it is only a line ending, fixed below like a bare LF.
+        # In the body it is only a line ending, fixed like a bare LF.
         raise MessageRefused(HEADER_REFUSAL)
-    head = fix_lines(raw[:end], last=end == len(raw))
-    return PreparedMessage(trace_fields(head, ctx, arrival) + head, _body(raw, end))
+    head = fix_lines(head, last=last)
+    return trace_fields(head, ctx, arrival) + head
 
 
 def _body(raw: bytes, start: int) -> Body:

@@ -33,12 +33,15 @@ from relay.bodyfiles import (
     fsync_dir,
     list_orphans,
     quarantine_unknown,
+    remove_partial_bodies,
     restore_files,
+    write_joined,
     write_synced,
 )
 from relay.envelope import Envelope
 from relay.errors import SpoolError
 from relay.infobip.priority import PRIORITY_NAMES
+from relay.outgoing import MessageData, MessageFile
 
 log = logging.getLogger("relay.spool")
 
@@ -284,19 +287,20 @@ class SpoolDB:
     def pending_unlinks(self) -> int:
         return len(self._unlink_after_commit)
 
-    def insert(self, envelope: Envelope, priority: int, now: float) -> None:
+    def insert(self, envelope: Envelope, priority: int, now: float, *,
+               written: int | None = None) -> None:
+        """Add a queued message; ``written``: its body files are written already, this size."""
         ctx = envelope.context
         recipients = _encode_recipients(Recipient(address) for address in ctx.rcpt_tos)
-        in_file = len(envelope.data) > FILE_BODY_THRESHOLD
-        if in_file:
-            saved = SavedEnvelope(ctx.mail_from, ctx.rcpt_tos, envelope.mail_options, priority,
-                                  now, ctx.client_ip, ctx.auth_user, ctx.listener)
-            self._write_body(ctx.queue_id, envelope.data, saved)
+        size = envelope.size if written is None else written
+        in_file = in_body_file(envelope, size)
+        if in_file and written is None:
+            self.write_body_files(envelope, priority, now)
         try:
             self.conn.execute(
                 _INSERT,
                 (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
-                 json.dumps(list(envelope.mail_options)), len(envelope.data), ctx.client_ip,
+                 json.dumps(list(envelope.mail_options)), size, ctx.client_ip,
                  ctx.auth_user, ctx.listener, None if in_file else envelope.data, int(in_file)),
             )
         except sqlite3.Error:
@@ -306,6 +310,13 @@ class SpoolDB:
                         path.unlink()
             raise
 
+    def write_body_files(self, envelope: Envelope, priority: int, now: float) -> None:
+        """Write and fsync a message's body file and sidecar (no database: any thread)."""
+        ctx = envelope.context
+        saved = SavedEnvelope(ctx.mail_from, ctx.rcpt_tos, envelope.mail_options, priority,
+                              now, ctx.client_ip, ctx.auth_user, ctx.listener)
+        self._write_body(ctx.queue_id, envelope, saved)
+
     def _body_path(self, message_id: str) -> Path:
         return self.bodies / message_id
 
@@ -314,7 +325,7 @@ class SpoolDB:
         body = self._body_path(message_id)
         return body, envelope_path(body)
 
-    def _write_body(self, message_id: str, data: bytes, saved: SavedEnvelope) -> None:
+    def _write_body(self, message_id: str, envelope: Envelope, saved: SavedEnvelope) -> None:
         """Write and fsync a body file and its envelope sidecar before the row commits.
 
         The sidecar lets `queue recover` send the body again exactly if the row is ever lost;
@@ -322,7 +333,11 @@ class SpoolDB:
         """
         self.bodies.mkdir(mode=0o700, exist_ok=True)
         body, sidecar = self._body_files(message_id)
-        write_synced(body, data)
+        if envelope.body_file is None:
+            write_synced(body, envelope.data)
+        else:
+            write_joined(body, envelope.data, envelope.body_file)
+            envelope.body_file.unlink()
         try:
             write_synced(sidecar, saved.to_json())
             fsync_dir(self.bodies)
@@ -425,6 +440,22 @@ class SpoolDB:
                 return None
         return None
 
+    def source(self, message_id: str) -> MessageData | None:
+        """What to send: the bytes of a small message, an open file for a body file."""
+        row = self.conn.execute("SELECT data, body_file, state FROM messages WHERE id=?",
+                                (message_id,)).fetchone()
+        if row is None:
+            return None
+        if row[0] is not None:
+            return bytes(row[0])
+        if not row[1] or row[2] == "delivered":
+            return None
+        try:
+            file = self._body_path(message_id).open("rb")
+        except FileNotFoundError:
+            return None
+        return MessageFile(file, os.fstat(file.fileno()).st_size)
+
     def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
         """(id, priority, created) of queued/deferred messages due by ``now``, most urgent first."""
         return self.conn.execute(
@@ -453,6 +484,11 @@ class SpoolDB:
         row = self.conn.execute(
             "SELECT MIN(created) FROM messages WHERE state IN ('queued', 'deferred')").fetchone()
         return row[0] if row else None
+
+
+def in_body_file(envelope: Envelope, size: int) -> bool:
+    """Whether a message's body goes to a file of its own (streamed, or large)."""
+    return envelope.body_file is not None or size > FILE_BODY_THRESHOLD
 
 
 def worker_spool_dir(directory: Path, index: int) -> Path:
@@ -511,6 +547,7 @@ def absorb_spool(target: SpoolDB, source_dir: Path) -> int:
                 f"INSERT OR IGNORE INTO messages VALUES ({marks})", rows))  # noqa: S608
             _move_body_files(source, target)
             source.transaction(lambda: source.conn.execute("DELETE FROM messages"))
+        remove_partial_bodies(source.bodies)  # that worker is gone: nobody finishes them
     finally:
         source.close()
     return len(rows)
@@ -645,9 +682,22 @@ class Spool:
     # -- async API
 
     async def put(self, envelope: Envelope, priority: int) -> None:
-        """Store a message; returns only once it is fsynced. Raises SpoolError otherwise."""
+        """Store a message; returns only once it is fsynced. Raises SpoolError otherwise.
+
+        A large body is written and fsynced in a worker thread first: in the writer thread
+        its fsync would hold up the group commit of every small message behind it.
+        """
         now = time.time()
-        await self._submit(lambda db: db.insert(envelope, priority, now), write=True)
+        size = envelope.size
+        if not in_body_file(envelope, size):
+            await self._submit(lambda db: db.insert(envelope, priority, now), write=True)
+            return
+        try:
+            await asyncio.to_thread(self.db.write_body_files, envelope, priority, now)
+        except OSError as exc:
+            raise SpoolError(f"spool error: {exc}") from exc
+        await self._submit(lambda db: db.insert(envelope, priority, now, written=size),
+                           write=True)
 
     def record_soon(self, message_id: str, outcome: Outcome) -> asyncio.Future[bool]:
         """Queue an outcome for the next group commit; the future resolves once it is durable."""
@@ -660,6 +710,11 @@ class Spool:
 
     async def data(self, message_id: str) -> bytes | None:
         result: bytes | None = await self._submit(lambda db: db.data(message_id))
+        return result
+
+    async def source(self, message_id: str) -> MessageData | None:
+        """The message to send, the body file opened but not read (close it when done)."""
+        result: MessageData | None = await self._submit(lambda db: db.source(message_id))
         return result
 
     async def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:

@@ -8,6 +8,7 @@ or one of the `UpstreamError` exceptions, so delivery decides on outcomes withou
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import ssl
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 from relay.address import AddressError, check_mailbox
 from relay.config import UpstreamConfig
 from relay.errors import RelayError
 from relay.infobip.replies import parse_message_id
+from relay.outgoing import DotStuffer, MessageData, message_size
 
 log = logging.getLogger("relay.upstream")
 
@@ -91,7 +94,12 @@ class Upstream(Protocol):
         """Whether the upstream advertised SMTPUTF8 at the last EHLO (None before any)."""
         ...
 
-    async def send(self, mail_from: str, recipients: tuple[str, ...], data: bytes,
+    @property
+    def max_size(self) -> int | None:
+        """The SIZE the upstream advertised at the last EHLO (None: none, or none known)."""
+        ...
+
+    async def send(self, mail_from: str, recipients: tuple[str, ...], data: MessageData,
                    mail_options: tuple[str, ...] = ()) -> SendResult:
         """Forward one message; per-recipient results, or an `UpstreamError` about the session:
         UpstreamUnavailable (retry later), UpstreamAuthError (credentials refused),
@@ -114,6 +122,12 @@ def connection_factory(config: UpstreamConfig, local_hostname: str
                        ) -> Callable[[], UpstreamConnection]:
     """A factory of connections to the upstream ``config`` describes (one TLS context for all)."""
     return functools.partial(UpstreamConnection, config, local_hostname, config.ssl_context())
+
+
+def advertised_size(value: str) -> int | None:
+    """RFC 1870: the SIZE keyword's value; 0 or nothing means no fixed limit (None)."""
+    value = value.strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _reply(code: int, message: str) -> str:
@@ -163,6 +177,7 @@ class UpstreamConnection:
         self.ssl_context = ssl_context
         self._smtp: aiosmtplib.SMTP | None = None
         self._smtputf8: bool | None = None
+        self._max_size: int | None = None
         self._last_used = 0.0
 
     @property
@@ -174,7 +189,11 @@ class UpstreamConnection:
         """Whether the server advertised SMTPUTF8 at the last EHLO (None before any)."""
         return self._smtputf8
 
-    async def send(self, mail_from: str, recipients: tuple[str, ...], data: bytes,
+    @property
+    def max_size(self) -> int | None:
+        return self._max_size
+
+    async def send(self, mail_from: str, recipients: tuple[str, ...], data: MessageData,
                    mail_options: tuple[str, ...] = ()) -> SendResult:
         """Forward one message; UpstreamUnavailable / UpstreamAuthError are about the connection.
 
@@ -194,7 +213,7 @@ class UpstreamConnection:
         result.permanent.update(invalid)
         return result
 
-    async def _send_checked(self, sender: bytes, recipients: dict[str, bytes], data: bytes,
+    async def _send_checked(self, sender: bytes, recipients: dict[str, bytes], data: MessageData,
                             mail_options: tuple[str, ...]) -> SendResult:
         """One transaction; after a 503 once more on a new session, never a permanent failure."""
         try:
@@ -209,12 +228,12 @@ class UpstreamConnection:
             return _whole_message(tuple(recipients), 451,
                                   f"4.5.0 upstream answered {exc.reply} on a new connection")
 
-    async def _send_once(self, sender: bytes, recipients: dict[str, bytes], data: bytes,
+    async def _send_once(self, sender: bytes, recipients: dict[str, bytes], data: MessageData,
                          mail_options: tuple[str, ...]) -> SendResult:
         smtp = await self._ready_connection()
         names = tuple(recipients)
-        timeouts = _Timeouts(command=max(self.config.timeout, len(data) / _UPLOAD_RATE),
-                             final=self.config.data_timeout + len(data) / _UPLOAD_RATE)
+        timeouts = _Timeouts(command=max(self.config.timeout, message_size(data) / _UPLOAD_RATE),
+                             final=self.config.data_timeout + message_size(data) / _UPLOAD_RATE)
         try:
             refused, message = await _transaction(smtp, sender, recipients, data,
                                                   mail_options=mail_options, timeouts=timeouts)
@@ -301,6 +320,7 @@ class UpstreamConnection:
                 raise UpstreamUnavailable(f"{where}: TLS is not active; refusing to send")
             await smtp.ehlo()
             self._smtputf8 = smtp.supports_extension("smtputf8")
+            self._max_size = advertised_size(smtp.esmtp_extensions.get("size", ""))
             await self._authenticate(smtp)
         except UpstreamError:
             smtp.close()
@@ -355,7 +375,7 @@ class _Timeouts:
 
 
 async def _transaction(smtp: aiosmtplib.SMTP, sender: bytes, recipients: dict[str, bytes],
-                       data: bytes, *, mail_options: tuple[str, ...], timeouts: _Timeouts
+                       data: MessageData, *, mail_options: tuple[str, ...], timeouts: _Timeouts
                        ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
     """MAIL, RCPT..., DATA, with the addresses exactly as spooled (aiosmtplib would re-parse them).
 
@@ -364,7 +384,7 @@ async def _transaction(smtp: aiosmtplib.SMTP, sender: bytes, recipients: dict[st
     """
     options = [option.encode("ascii") for option in mail_options]
     if smtp.supports_extension("size"):
-        options.insert(0, b"SIZE=%d" % len(data))
+        options.insert(0, b"SIZE=%d" % message_size(data))
     try:
         await _command(smtp, [b"MAIL", b"FROM:<" + sender + b">", *options], timeouts,
                        ok=(250,))
@@ -407,21 +427,19 @@ async def _reset_or_drop(smtp: aiosmtplib.SMTP, timeouts: _Timeouts) -> None:
         smtp.close()
 
 
-async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeouts: _Timeouts
+async def _data(smtp: aiosmtplib.SMTP, data: MessageData, timeouts: _Timeouts
                 ) -> aiosmtplib.SMTPResponse:
     start = await smtp.execute_command(b"DATA", timeout=timeouts.command)
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    if data.startswith(b"."):
-        data = b"." + data
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("connection lost before the message data")
-    # Nothing is awaited between the write and read_response(), so the reply cannot arrive
-    # before aiosmtplib's protocol expects one.
-    protocol.write(data.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+    # aiosmtplib drops what arrives while no reply is pending; the upload awaits (drain), so an
+    # early reply (a 552 or 421 mid-upload) must be kept for read_response() below.
+    protocol._response_pending = True
+    async with asyncio.timeout(timeouts.command):
+        await _upload(protocol, data)
     try:
         response = await protocol.read_response(timeout=timeouts.final)
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -431,6 +449,19 @@ async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeouts: _Timeouts
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
+
+
+async def _upload(protocol: SMTPProtocol, data: MessageData) -> None:
+    """The message dot-stuffed, then the final dot; a file in chunks, each drained first."""
+    stuffer = DotStuffer()
+    if isinstance(data, bytes):  # small: in memory already, one write as before
+        protocol.write(stuffer.feed(data) + stuffer.finish())
+        return
+    async for chunk in data.chunks():
+        protocol.write(stuffer.feed(chunk))
+        # Backpressure: never more than the transport's high-water mark waits in memory.
+        await protocol._drain_helper()
+    protocol.write(stuffer.finish())
 
 
 def _describe(exc: aiosmtplib.SMTPException) -> str:

@@ -199,6 +199,10 @@ class ScriptedUpstream:
     def smtputf8(self) -> bool | None:
         return True if self.open else None
 
+    @property
+    def max_size(self) -> int | None:
+        return None
+
     async def send(self, mail_from: str, recipients: tuple[str, ...], data: bytes,
                    mail_options: tuple[str, ...] = ()) -> SendResult:
         self.script.sent.append(Sent(mail_from, recipients, data, mail_options))

@@ -1,0 +1,68 @@
+"""A spooled message on its way upstream: read from its body file in chunks, dot-stuffed on the fly.
+
+Large messages never exist as one ``bytes`` on the sending side: the file is read a chunk at a
+time (off the event loop), each chunk dot-stuffed (``DotStuffer``) and written with backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import BinaryIO
+
+CHUNK = 256 * 1024
+_CRLF = b"\r\n"
+
+
+class MessageFile:
+    """An open spool body file (the whole message as spooled) and its size."""
+
+    __slots__ = ("_file", "size")
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        self._file = file
+        self.size = size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The file from its start, ``CHUNK`` octets at a time."""
+        await asyncio.to_thread(self._file.seek, 0)  # a retry sends it again from the start
+        while chunk := await asyncio.to_thread(self._file.read, CHUNK):
+            yield chunk
+
+    def close(self) -> None:
+        self._file.close()
+
+
+MessageData = bytes | MessageFile
+
+
+def message_size(data: MessageData) -> int:
+    return len(data) if isinstance(data, bytes) else data.size
+
+
+class DotStuffer:
+    """RFC 5321 4.5.2 transparency, chunk by chunk: a line that starts with "." gets another.
+
+    Keeps the last two octets it saw as context (at first a virtual CRLF, so a leading dot is
+    stuffed), so a CRLF "." cut between two chunks is still found.
+    """
+
+    __slots__ = ("_context", "_empty")
+
+    def __init__(self) -> None:
+        self._context = _CRLF
+        self._empty = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return chunk
+        self._empty = False
+        piece = self._context + chunk
+        self._context = piece[-2:]
+        # The context octets are never changed by the replacement: it only adds dots after them.
+        return piece.replace(b"\r\n.", b"\r\n..")[2:] if b"\r\n." in piece else chunk
+
+    def finish(self) -> bytes:
+        """The end of data: a CRLF when the message lacks a final one, then "." CRLF."""
+        ending = b"" if not self._empty and self._context == _CRLF else _CRLF
+        return ending + b".\r\n"

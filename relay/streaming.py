@@ -1,0 +1,156 @@
+"""DATA as a stream: the wire decoder, the header splitter and the body line fixer.
+
+Each stage keeps only a few bytes of state between chunks, so a message of any size passes
+through fixed-size buffers. Fed any split of the same input, the stages give the same bytes as
+the whole-message path (``relay.message.prepare``); tests/test_streaming.py checks this.
+"""
+
+from __future__ import annotations
+
+from relay.headers import CRLF, MAX_LINE_LENGTH, header_end
+from relay.message import crlf_line_endings
+
+_END = b"\r\n.\r\n"
+# A break goes before the octet at these offsets of a line: 998, then every 997 more
+# (relay.message._broken: the first piece keeps 998 octets, each continuation 1 + 997).
+_FIRST_BREAK = MAX_LINE_LENGTH
+_STEP = MAX_LINE_LENGTH - 1
+
+
+class DataDecoder:
+    """SMTP DATA from the wire: finds CRLF.CRLF and undoes the dot-stuffing, chunk by chunk.
+
+    The buffer always starts with the last two raw octets already handed on (at first a
+    virtual CRLF), so a "CRLF ." or the terminator that straddles two chunks is still seen.
+    """
+
+    __slots__ = ("_buffer", "ended", "leftover", "size")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(CRLF)
+        self.size = 0  # raw (stuffed) octets of message data so far, as the size limit counts
+        self.ended = False
+        self.leftover = b""  # what followed the terminator (pipelined commands)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The unstuffed message data that ``chunk`` completes (maybe b"")."""
+        buffer = self._buffer
+        scan_from = max(0, len(buffer) - 4)
+        buffer += chunk
+        end = buffer.find(_END, scan_from)
+        if end >= 0:
+            self.ended = True
+            self.leftover = bytes(buffer[end + 5:])
+            return self._take(end + 2)
+        # The last 4 octets may begin the terminator: kept; 2 of them stay as context.
+        return self._take(len(buffer) - 2) if len(buffer) > 4 else b""
+
+    def _take(self, cut: int) -> bytes:
+        buffer = self._buffer
+        piece = bytes(buffer[:cut])
+        self.size += cut - 2
+        del buffer[:cut - 2]
+        # Dots are unstuffed on raw octets (context included), then the context is dropped:
+        # a "CRLF ." match never starts inside the 2 context octets and reaches past them.
+        return piece.replace(b"\r\n.", CRLF)[2:] if b"\r\n." in piece else piece[2:]
+
+
+class HeaderSplitter:
+    """Collects the start of the message until the header block's end is known."""
+
+    __slots__ = ("_data", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self._data = bytearray()
+        self.limit = limit
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """``(header part, rest)`` once the split is known, else None (data kept)."""
+        held = self._data
+        # Searched before up to here: a client sending a byte at a time costs linear time.
+        start = max(0, len(held) - 2)
+        held += data
+        if len(held) < 2:
+            return None
+        end = header_end(held, start)
+        if end >= len(held):
+            return None  # no blank line yet: the header may still go on
+        return bytes(held[:end]), bytes(held[end:])
+
+    @property
+    def held(self) -> int:
+        return len(self._data)
+
+    @property
+    def overflowed(self) -> bool:
+        return len(self._data) > self.limit
+
+    def finish(self) -> bytes:
+        """The whole message when it ended before the split was known: all header."""
+        return bytes(self._data)
+
+
+class BodyFixer:
+    """``relay.message.fix_lines(body, last=True)`` applied to the body one piece at a time.
+
+    Keeps a trailing CR back (it may be half of a CRLF in the next piece) and the length of
+    the current line, so that breaks fall where the whole-message fixer puts them.
+    """
+
+    __slots__ = ("_column", "_cr", "_crlf_end", "_empty")
+
+    def __init__(self) -> None:
+        self._cr = False
+        self._column = 0  # octets of the current (unbroken) line so far
+        self._empty = True
+        self._crlf_end = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._cr:
+            data = b"\r" + data
+        self._cr = data.endswith(b"\r")
+        if self._cr:
+            data = data[:-1]
+        return self._emit(crlf_line_endings(data))
+
+    def finish(self) -> bytes:
+        """The rest: a held CR as a line ending, and a final CRLF when the body lacks one."""
+        tail = self._emit(CRLF) if self._cr else b""
+        self._cr = False
+        if not self._empty and not self._crlf_end:
+            tail += self._emit(CRLF)
+        return tail
+
+    def _emit(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        self._empty = False
+        self._crlf_end = data.endswith(CRLF)
+        lines = data.split(CRLF)
+        if self._column + len(lines[0]) <= MAX_LINE_LENGTH and \
+                all(len(line) <= MAX_LINE_LENGTH for line in lines[1:]):
+            self._column = len(lines[-1]) if len(lines) > 1 else self._column + len(lines[-1])
+            return data  # the usual case: no line reaches the limit
+        fixed = []
+        for index, line in enumerate(lines):
+            column = self._column if index == 0 else 0
+            fixed.append(_break_from(line, column))
+            self._column = column + len(line)
+        return CRLF.join(fixed)
+
+
+def _break_from(segment: bytes, column: int) -> bytes:
+    """``segment`` (the line's octets from ``column`` on) with CRLF SP before each break point."""
+    end = column + len(segment)
+    if end <= MAX_LINE_LENGTH:
+        return segment
+    point = _FIRST_BREAK if column <= _FIRST_BREAK else \
+        _FIRST_BREAK + -(-(column - _FIRST_BREAK) // _STEP) * _STEP
+    pieces = []
+    start = column
+    while point < end:
+        pieces.append(segment[start - column:point - column])
+        start = point
+        point += _STEP
+    pieces.append(segment[start - column:])
+    return b"\r\n ".join(pieces)

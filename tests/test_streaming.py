@@ -1,0 +1,211 @@
+"""Streamed DATA equals the whole-message path for any split of the input (Hypothesis)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.bodyfiles import PARTIAL_SUFFIX
+from relay.envelope import MessageContext
+from relay.message import Arrival, MessageRefused, prepare, prepare_head
+from relay.outgoing import CHUNK, DotStuffer, MessageFile
+from relay.spool import BODIES_DIR, Spool, SpoolDB, absorb_spool
+from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter
+
+CTX = MessageContext(queue_id="Q1", mail_from="a@b", rcpt_tos=("c@d",), client_ip="192.0.2.1",
+                     auth_user=None, listener="l", size=1,
+                     received_at=datetime(2026, 1, 1, tzinfo=UTC))
+ARRIVAL = Arrival(hostname="relay.test", helo="client")
+
+
+def whole_read(wire: bytes) -> tuple[bytes, bytes] | None:
+    """The oracle: the listener's former whole-message DATA reader (unstuffed data, leftover)."""
+    buffer = b"\r\n" + wire
+    end = buffer.find(b"\r\n.\r\n")
+    if end < 0:
+        return None
+    data = buffer[2:end + 2]
+    if data[:1] == b".":
+        data = data[1:]
+    return data.replace(b"\r\n.", b"\r\n"), buffer[end + 5:]
+
+
+def whole_prepare(raw: bytes) -> bytes | str:
+    try:
+        return prepare(raw, CTX, ARRIVAL).data
+    except MessageRefused as refusal:
+        return refusal.reply
+
+
+def streamed(chunks: list[bytes]) -> tuple[bytes, bytes | str, int] | None:
+    """(leftover, prepared message or refusal, raw size) through the streaming stages."""
+    decoder, splitter, fixer = DataDecoder(), HeaderSplitter(1 << 30), BodyFixer()
+    head: bytes | None = None
+    body = b""
+    for index, chunk in enumerate(chunks):
+        data = decoder.feed(chunk)
+        if head is None:
+            split = splitter.feed(data)
+            if split is not None:
+                head, rest = split
+                body += fixer.feed(rest)
+        else:
+            body += fixer.feed(data)
+        if decoder.ended:
+            unread = b"".join(chunks[index + 1:])  # left in the reader, as in the listener
+            break
+    else:
+        return None
+    last = head is None
+    if head is None:
+        head = splitter.finish()
+    try:
+        prepared: bytes | str = prepare_head(head, CTX, ARRIVAL, last=last) + body + \
+            fixer.finish()
+    except MessageRefused as refusal:
+        prepared = refusal.reply
+    return decoder.leftover + unread, prepared, decoder.size
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(cut, len(data)) for cut in cuts})
+    pieces, start = [], 0
+    for point in points:
+        pieces.append(data[start:point])
+        start = point
+    pieces.append(data[start:])
+    return [piece for piece in pieces if piece]
+
+
+# Few distinct octets, so that CR, LF, dots, blank lines and terminators are frequent.
+_ATOMS = st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n.", b"\r\n.\r\n", b":",
+                          b"X: y", b"\x00", b"\xc3\xa9", b" "])
+_LONG = st.integers(min_value=990, max_value=3100).map(lambda n: b"x" * n)
+wires = st.lists(st.one_of(_ATOMS, _ATOMS, _ATOMS, _LONG), max_size=40).map(b"".join)
+
+
+def _check(wire: bytes, cuts: list[int]) -> None:
+    expected = whole_read(wire)
+    result = streamed(split_at(wire, cuts))
+    if expected is None:
+        assert result is None
+        return
+    raw, leftover = expected
+    assert result is not None
+    assert result[0] == leftover
+    assert result[1] == whole_prepare(raw)
+    # The size limit counts the stuffed data up to and including its last CRLF.
+    assert result[2] == (b"\r\n" + wire).find(b"\r\n.\r\n")
+
+
+@settings(max_examples=400, deadline=None)
+@given(wires.map(lambda w: w + b"\r\n.\r\n"), st.lists(st.integers(0, 8000), max_size=12))
+def test_any_split_gives_the_whole_message_result(wire: bytes, cuts: list[int]) -> None:
+    _check(wire, cuts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(wires, st.lists(st.integers(0, 8000), max_size=12))
+def test_any_input_and_split_even_unterminated(wire: bytes, cuts: list[int]) -> None:
+    _check(wire, cuts)
+
+
+@settings(max_examples=100, deadline=None)
+@given(wires.map(lambda w: w + b"\r\n.\r\n"))
+def test_one_octet_at_a_time(wire: bytes) -> None:
+    _check(wire, list(range(len(wire))))
+
+
+def test_known_cases() -> None:
+    for wire in [b".\r\n", b"..\r\n.\r\n", b"a\r\n\r\n" + b"y" * 5000 + b"\r\n.\r\n",
+                 b"a: b\r\n\r\n" + b"z" * 998 + b"\r\n.\r\n", b"a\n\nb\rc\r\n.\r\nQUIT\r\n"]:
+        for size in (1, 2, 3, 5, 997, 998, 999, 4096):
+            _check(wire, list(range(size, len(wire), size)))
+
+
+def test_partial_bodies_are_removed_at_start(tmp_path: Path) -> None:
+    """A body left half-received by a crash or a disconnect mid-DATA was never acknowledged."""
+    SpoolDB(tmp_path).close()
+    bodies = tmp_path / BODIES_DIR
+    bodies.mkdir(exist_ok=True)
+    (bodies / f"0123ABC{PARTIAL_SUFFIX}").write_bytes(b"half a body")
+    spool = Spool(tmp_path)
+    spool.db.close()
+    assert list(bodies.iterdir()) == []
+
+
+def whole_stuff(data: bytes) -> bytes:
+    """The oracle: the upstream's former whole-message dot-stuffing (relay.upstream._data)."""
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def stuffed(chunks: list[bytes]) -> bytes:
+    stuffer = DotStuffer()
+    return b"".join(stuffer.feed(chunk) for chunk in chunks) + stuffer.finish()
+
+
+@settings(max_examples=400, deadline=None)
+@given(wires, st.lists(st.integers(0, 8000), max_size=12))
+def test_dot_stuffing_any_split_equals_the_whole_message(data: bytes, cuts: list[int]) -> None:
+    assert stuffed(split_at(data, cuts)) == whole_stuff(data)
+    assert stuffed(split_at(data, list(range(len(data))))) == whole_stuff(data)
+
+
+def test_dot_stuffing_known_cases() -> None:
+    for data in [b"", b".", b"\r\n", b".\r\n", b"a\r\n.\r\n.", b"\r", b"\n."]:
+        for size in (1, 2, 3):
+            assert stuffed(split_at(data, list(range(size, len(data), size)))) == \
+                whole_stuff(data)
+
+
+def test_a_message_file_is_read_in_chunks_from_its_start(tmp_path: Path) -> None:
+    path = tmp_path / "body"
+    data = bytes(range(256)) * 4099
+    path.write_bytes(data)
+    message = MessageFile(path.open("rb"), len(data))
+
+    async def read() -> list[bytes]:
+        return [chunk async for chunk in message.chunks()]
+
+    try:
+        for _ in range(2):  # a retry reads it again from the start
+            chunks = asyncio.run(read())
+            assert b"".join(chunks) == data
+            assert max(len(chunk) for chunk in chunks) <= CHUNK
+    finally:
+        message.close()
+
+
+def test_a_header_sent_one_octet_at_a_time_costs_linear_time() -> None:
+    """Each piece is searched once: 200 KiB of header in 1-octet reads is not quadratic."""
+    header = b"X-Filler: " + b"v" * 100 + b"\r\n"
+    data = header * (200 * 1024 // len(header)) + b"\r\nbody\r\n"
+    splitter = HeaderSplitter(256 * 1024)
+    started = time.monotonic()
+    split = None
+    for index in range(len(data)):
+        split = splitter.feed(data[index:index + 1])
+        if split is not None:
+            break
+    assert split is not None and split[0] + split[1] == data[:index + 1]
+    assert time.monotonic() - started < 5
+
+
+def test_absorbing_a_worker_spool_removes_its_partial_bodies(tmp_path: Path) -> None:
+    SpoolDB(tmp_path / "worker-1").close()
+    bodies = tmp_path / "worker-1" / BODIES_DIR
+    bodies.mkdir(exist_ok=True)
+    (bodies / f"0123ABC{PARTIAL_SUFFIX}").write_bytes(b"half a body")
+    target = SpoolDB(tmp_path / "main")
+    assert absorb_spool(target, tmp_path / "worker-1") == 0
+    target.close()
+    assert list(bodies.iterdir()) == []
