@@ -27,6 +27,9 @@ Server.metrics_port
 QueuedMessage.updated
 RulesOutcome.explanations
 HeaderBlock.changed
+# Set on aiosmtplib's protocol so that a reply arriving mid-upload is kept (upstream._data);
+# aiosmtplib is pinned to the minor version this was tested with.
+_._response_pending
 # A dataclass(order=True) field: it orders the ready queue.
 _Job.seq
 # The qshape bucketing that the SQL mirrors; its table test keeps the two in step.

@@ -90,10 +90,6 @@ class PreparedMessage:
         """The unfolded value of the first ``name`` field, None when there is none."""
         return first_value(self.header_block, name)
 
-    def with_header_block(self, header_block: bytes) -> PreparedMessage:
-        """The same body under an edited header block (what the rules return)."""
-        return PreparedMessage(header_block, self.body)
-
 
 def prepare(raw: bytes, ctx: MessageContext, arrival: Arrival) -> PreparedMessage:
     """Prepare DATA as received (unstuffed, any line endings); MessageRefused if it cannot go."""

@@ -255,13 +255,6 @@ def test_bare_cr_and_nul_in_the_body_are_not_refused() -> None:
     assert bytes(prepared.body) == b"\r\na\r\nb\x00\r\n"
 
 
-def test_edited_header_block_keeps_the_body() -> None:
-    prepared = prepare(b"Subject: s\r\n\r\nbody\r\n", CTX, ARRIVAL)
-    edited = prepared.with_header_block(b"Subject: t\r\nX-IB-Client-Priority: HIGH\r\n")
-    assert edited.data == b"Subject: t\r\nX-IB-Client-Priority: HIGH\r\n\r\nbody\r\n"
-    assert edited.priority == PRIORITIES["HIGH"]
-
-
 # The whole-message preparation that relay.listener used before relay.message: the split one
 # must give the same bytes for every message that has a header and ends in CRLF (what DATA
 # delivers), or the relay would forward different bytes than it used to.
