@@ -38,7 +38,16 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 @pytest.fixture
 def sink(tls: tuple[Path, Path, Path]) -> Iterator[SinkCluster]:
     _, cert_file, key_file = tls
-    cluster = SinkCluster(cert=str(cert_file), key=str(key_file), password=API_KEY).start()
+    # free_port() only says a port was free a moment ago; with xdist workers starting servers
+    # side by side, another may take it first. A sink that cannot bind gets fresh ports.
+    for attempt in range(3):
+        try:
+            cluster = SinkCluster(cert=str(cert_file), key=str(key_file),
+                                  password=API_KEY).start()
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
     try:
         yield cluster
     finally:
