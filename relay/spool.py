@@ -426,22 +426,8 @@ class SpoolDB:
                                 (message_id,)).fetchone()
         return _row_to_message(row) if row else None
 
-    def data(self, message_id: str) -> bytes | None:
-        row = self.conn.execute("SELECT data, body_file, state FROM messages WHERE id=?",
-                                (message_id,)).fetchone()
-        if row is None:
-            return None
-        if row[0] is not None:
-            return bytes(row[0])
-        if row[1] and row[2] != "delivered":
-            try:
-                return self._body_path(message_id).read_bytes()
-            except FileNotFoundError:
-                return None
-        return None
-
-    def source(self, message_id: str) -> MessageData | None:
-        """What to send: the bytes of a small message, an open file for a body file."""
+    def _stored(self, message_id: str) -> bytes | Path | None:
+        """A message's bytes when they are in the row, its body file's path, or None."""
         row = self.conn.execute("SELECT data, body_file, state FROM messages WHERE id=?",
                                 (message_id,)).fetchone()
         if row is None:
@@ -450,8 +436,25 @@ class SpoolDB:
             return bytes(row[0])
         if not row[1] or row[2] == "delivered":
             return None
+        return self._body_path(message_id)
+
+    def data(self, message_id: str) -> bytes | None:
+        """The whole message in memory (inspection, recovery); delivery streams source()."""
+        stored = self._stored(message_id)
+        if not isinstance(stored, Path):
+            return stored
         try:
-            file = self._body_path(message_id).open("rb")
+            return stored.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def source(self, message_id: str) -> MessageData | None:
+        """What to send: the bytes of a small message, an open file for a body file."""
+        stored = self._stored(message_id)
+        if not isinstance(stored, Path):
+            return stored
+        try:
+            file = stored.open("rb")
         except FileNotFoundError:
             return None
         return MessageFile(file, os.fstat(file.fileno()).st_size)
