@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,17 +117,7 @@ def envelope_path(body: Path) -> Path:
 
 def write_synced(path: Path, data: bytes) -> None:
     """Create ``path`` (0600, never over an existing file) with ``data`` and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except OSError:
-        os.close(fd)
-        path.unlink()
-        raise
-    os.close(fd)
+    _create_synced(path, lambda fd: _write_all(fd, data))
 
 
 def write_joined(path: Path, head: bytes, body: Path) -> None:
@@ -135,11 +125,9 @@ def write_joined(path: Path, head: bytes, body: Path) -> None:
 
     The body is copied by the kernel (copy_file_range), never through the relay's memory.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(head)
-        while view:
-            view = view[os.write(fd, view):]
+
+    def fill(fd: int) -> None:
+        _write_all(fd, head)
         with open(body, "rb") as source:
             left = os.fstat(source.fileno()).st_size
             while left > 0:
@@ -147,12 +135,27 @@ def write_joined(path: Path, head: bytes, body: Path) -> None:
                 if copied <= 0:
                     raise OSError(f"short copy of {body}")
                 left -= copied
+
+    _create_synced(path, fill)
+
+
+def _create_synced(path: Path, fill: Callable[[int], None]) -> None:
+    """Create ``path`` exclusively, let ``fill`` write it, fsync; no partial file is left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fill(fd)
         os.fsync(fd)
     except OSError:
         os.close(fd)
         path.unlink()
         raise
     os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def fsync_dir(directory: Path) -> None:
