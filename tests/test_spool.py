@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import json
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from spooldamage import (
+    make_foreign_file,
+    make_foreign_sqlite,
+    make_spool_with_rows,
+    make_wrong_schema,
+    overwrite_middle_page,
+)
 
 import relay.spool as spool_module
 from relay.bodyfiles import ORPHANED_DIR, SavedEnvelope
@@ -180,44 +186,6 @@ def test_a_body_without_a_usable_envelope_is_listed_with_the_reason(
 
 
 # --------------------------------------------------------------------------- damage
-
-
-def make_spool_with_rows(spool_dir: Path, rows: int = 300) -> None:
-    db = SpoolDB(spool_dir)
-    for number in range(rows):
-        store(db, f"ROW{number:05d}", SMALL + b"y" * 3000)
-    store(db, "BIGBODY")
-    db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
-
-
-def overwrite_middle_page(path: Path) -> None:
-    size = path.stat().st_size
-    with path.open("r+b") as handle:
-        handle.seek(size // 2 - (size // 2) % 4096)
-        handle.write(os.urandom(4096))
-
-
-def make_foreign_file(path: Path) -> None:
-    path.unlink()
-    path.write_bytes(b"PK\x03\x04 not a database " * 200)
-
-
-def make_foreign_sqlite(path: Path) -> None:
-    path.unlink()
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE users (name TEXT)")
-    conn.execute("INSERT INTO users VALUES ('alice')")
-    conn.commit()
-    conn.close()
-
-
-def make_wrong_schema(path: Path) -> None:
-    path.unlink()
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE messages (id TEXT, subject TEXT)")
-    conn.commit()
-    conn.close()
 
 
 @pytest.mark.parametrize(("damage", "message"), [

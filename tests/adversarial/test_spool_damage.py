@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 import smtplib
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +17,12 @@ from typing import Any
 
 import pytest
 from relayrunner import REPO, ProcessRelay, relay_config, wait_until, write_config
+from spooldamage import (
+    make_foreign_file,
+    make_foreign_sqlite,
+    make_spool_with_rows,
+    overwrite_middle_page,
+)
 
 from relay.cli import main as cli_main
 from relay.config import load_config, permission_warnings
@@ -144,45 +149,13 @@ def test_recover_after_a_stop_quarantines_first(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- damaged, foreign
 
 
-def _spool_with_rows(spool: Path) -> None:
-    db = SpoolDB(spool)
-    for number in range(300):
-        ctx = MessageContext(f"ROW{number:04d}", "app@x.test", ("a@y.test",), "127.0.0.1", None,
-                             "local", 0)
-        db.insert(Envelope(ctx, b"Subject: row\r\n\r\n" + b"z" * 3000), 1, time.time())
-    ctx = MessageContext("BIG", "app@x.test", ("a@y.test",), "127.0.0.1", None, "local", 0)
-    db.transaction(lambda: db.insert(Envelope(ctx, LARGE_BODY), 1, time.time()))
-    db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
-
-
-def _garbage_page(path: Path) -> None:
-    middle = path.stat().st_size // 2
-    with path.open("r+b") as handle:
-        handle.seek(middle - middle % 4096)
-        handle.write(os.urandom(4096))
-
-
-def _foreign_file(path: Path) -> None:
-    path.write_bytes(b"%PDF-1.7 this is somebody's document\n" * 500)
-
-
-def _foreign_sqlite(path: Path) -> None:
-    path.unlink()
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE invoices (number INTEGER, total REAL)")
-    conn.execute("INSERT INTO invoices VALUES (1, 9.5)")
-    conn.commit()
-    conn.close()
-
-
-@pytest.fixture(params=[_garbage_page, _foreign_file, _foreign_sqlite],
+@pytest.fixture(params=[overwrite_middle_page, make_foreign_file, make_foreign_sqlite],
                 ids=["garbage-page", "foreign-file", "foreign-sqlite"])
 def damaged_spool(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     """A config file whose spool holds rows and a body file, its database then spoiled."""
     config = relay_config(tmp_path, None)
     spool = Path(config["queue"]["path"])
-    _spool_with_rows(spool)
+    make_spool_with_rows(spool)
     request.param(spool / DB_NAME)
     yield write_config(tmp_path, config)
 
