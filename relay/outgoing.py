@@ -57,8 +57,11 @@ class DotStuffer:
         if not chunk:
             return chunk
         self._empty = False
-        piece = self._context + chunk
-        self._context = piece[-2:]
+        context = self._context
+        self._context = chunk[-2:] if len(chunk) >= 2 else (context + chunk)[-2:]
+        if b"." not in chunk:
+            return chunk  # memchr finds no dot at all: the usual case for base64 attachments
+        piece = context + chunk
         # The context octets are never changed by the replacement: it only adds dots after them.
         return piece.replace(b"\r\n.", b"\r\n..")[2:] if b"\r\n." in piece else chunk
 

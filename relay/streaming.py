@@ -7,10 +7,14 @@ the whole-message path (``relay.message.prepare``); tests/test_streaming.py chec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from relay.headers import CRLF, MAX_LINE_LENGTH, header_end
 from relay.message import crlf_line_endings
 
 _END = b"\r\n.\r\n"
+_LINE_DOT = b"\r\n."
+_CRLF_LINES = (b"", b"")  # CRLF.split(CRLF)
 # A break goes before the octet at these offsets of a line: 998, then every 997 more
 # (relay.message._broken: the first piece keeps 998 octets, each continuation 1 + 997).
 _FIRST_BREAK = MAX_LINE_LENGTH
@@ -37,22 +41,29 @@ class DataDecoder:
         buffer = self._buffer
         scan_from = max(0, len(buffer) - 4)
         buffer += chunk
-        end = buffer.find(_END, scan_from)
+        # Both a stuffed dot and the terminator start with CRLF "."; a chunk with no dot at
+        # all (base64 attachments have none) is found so by memchr, far faster than a search.
+        dot = buffer.find(b".", scan_from)
+        line_dot = buffer.find(_LINE_DOT, max(scan_from, dot - 2)) if dot >= 0 else -1
+        end = buffer.find(_END, line_dot) if line_dot >= 0 else -1
         if end >= 0:
             self.ended = True
             self.leftover = bytes(buffer[end + 5:])
-            return self._take(end + 2)
+            return self._take(end + 2, line_dot)
         # The last 4 octets may begin the terminator: kept; 2 of them stay as context.
-        return self._take(len(buffer) - 2) if len(buffer) > 4 else b""
+        return self._take(len(buffer) - 2, line_dot) if len(buffer) > 4 else b""
 
-    def _take(self, cut: int) -> bytes:
+    def _take(self, cut: int, line_dot: int) -> bytes:
         buffer = self._buffer
-        piece = bytes(buffer[:cut])
+        with memoryview(buffer) as view:
+            piece = bytes(view[:cut])
         self.size += cut - 2
         del buffer[:cut - 2]
         # Dots are unstuffed on raw octets (context included), then the context is dropped:
         # a "CRLF ." match never starts inside the 2 context octets and reaches past them.
-        return piece.replace(b"\r\n.", CRLF)[2:] if b"\r\n." in piece else piece[2:]
+        if 0 <= line_dot <= cut - 3:
+            return piece.replace(_LINE_DOT, CRLF)[2:]
+        return piece[2:]
 
 
 class HeaderSplitter:
@@ -111,24 +122,34 @@ class BodyFixer:
         self._cr = data.endswith(b"\r")
         if self._cr:
             data = data[:-1]
-        return self._emit(crlf_line_endings(data))
+        if not data:
+            return data
+        # One split serves both checks: it counts the CRLFs (a bare CR or LF makes the counts
+        # of CR or LF differ) and gives the line lengths. Counting bytes is C-speed; the fixes
+        # below run only for the rare piece that needs them.
+        lines = data.split(CRLF)
+        crlfs = len(lines) - 1
+        if data.count(b"\n") != crlfs or data.count(b"\r") != crlfs:
+            data = crlf_line_endings(data)
+            lines = data.split(CRLF)
+        return self._emit(data, lines)
 
     def finish(self) -> bytes:
         """The rest: a held CR as a line ending, and a final CRLF when the body lacks one."""
-        tail = self._emit(CRLF) if self._cr else b""
+        tail = self._emit(CRLF, _CRLF_LINES) if self._cr else b""
         self._cr = False
         if not self._empty and not self._crlf_end:
-            tail += self._emit(CRLF)
+            tail += self._emit(CRLF, _CRLF_LINES)
         return tail
 
-    def _emit(self, data: bytes) -> bytes:
-        if not data:
-            return data
+    def _emit(self, data: bytes, lines: Sequence[bytes]) -> bytes:
+        """``data`` (CRLF line endings only, split into ``lines``) with long lines broken."""
         self._empty = False
         self._crlf_end = data.endswith(CRLF)
-        lines = data.split(CRLF)
+        # The first line continues the current one; if it fits, so does every line up to the
+        # longest (lines[0] is counted again, harmlessly: it is no longer than with its column).
         if self._column + len(lines[0]) <= MAX_LINE_LENGTH and \
-                all(len(line) <= MAX_LINE_LENGTH for line in lines[1:]):
+                max(map(len, lines)) <= MAX_LINE_LENGTH:
             self._column = len(lines[-1]) if len(lines) > 1 else self._column + len(lines[-1])
             return data  # the usual case: no line reaches the limit
         fixed = []
