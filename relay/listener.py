@@ -414,28 +414,35 @@ class RelaySMTP(SMTP):
         head: bytes | None = None
         refusal: str | None = None
         size = 0
-        while not decoder.ended:
-            chunk = await reader.read(_DATA_CHUNK)
-            if not chunk:
-                raise ConnectionResetError("connection closed during DATA")
-            data = decoder.feed(chunk)
-            if refusal is not None:
-                continue  # drained to the end, nothing kept
-            size += len(data)
-            if limit and decoder.size > limit:
-                refusal = _TOO_MUCH
-            elif head is None:
-                split = splitter.feed(data)
-                if split is not None:
-                    head, data = split
+        # The reader's limit (the command-line bound) is also its flow-control mark: at 2 KiB
+        # the transport paused and resumed every few KiB of DATA. A chunk's worth while the
+        # data streams keeps memory bounded and the reads large.
+        reader._limit = _DATA_CHUNK  # type: ignore[attr-defined]
+        try:
+            while not decoder.ended:
+                chunk = await reader.read(_DATA_CHUNK)
+                if not chunk:
+                    raise ConnectionResetError("connection closed during DATA")
+                data = decoder.feed(chunk)
+                if refusal is not None:
+                    continue  # drained to the end, nothing kept
+                size += len(data)
+                if limit and decoder.size > limit:
+                    refusal = _TOO_MUCH
+                elif head is None:
+                    split = splitter.feed(data)
+                    if split is not None:
+                        head, data = split
+                        refusal = _write_body(body, fixer.feed(data))
+                    elif splitter.overflowed:
+                        refusal = _HEADER_TOO_LONG
+                else:
                     refusal = _write_body(body, fixer.feed(data))
-                elif splitter.overflowed:
-                    refusal = _HEADER_TOO_LONG
-            else:
-                refusal = _write_body(body, fixer.feed(data))
-            if refusal is not None:
-                body.discard()
-                splitter = HeaderSplitter(HEADER_LIMIT)  # lets the header part go
+                if refusal is not None:
+                    body.discard()
+                    splitter = HeaderSplitter(HEADER_LIMIT)  # lets the header part go
+        finally:
+            reader._limit = COMMAND_LINE_LIMIT  # type: ignore[attr-defined]
         if decoder.leftover:  # pipelined commands after the dot go back to the command loop
             reader._buffer[:0] = decoder.leftover  # type: ignore[attr-defined]
         if refusal is not None:
