@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -27,6 +28,8 @@ from relay.tlsconfig import adopt_certificates, listener_contexts
 from relay.upstream import connection_factory
 
 log = logging.getLogger("relay.server")
+# Seconds a thread may hold the GIL while others wait for it (CPython default: 0.005).
+_SWITCH_INTERVAL = 0.0005
 
 
 class StartupError(RelayError):
@@ -264,6 +267,10 @@ def _warn_unreloadable(old: Config, new: Config) -> None:
 
 def run_server(server: Server) -> None:
     """Run one server to completion on the best event loop available."""
+    # The spool's writer and body threads need the GIL for a moment after each fsync or SQLite
+    # call; at the default 5 ms switch interval each such moment waited behind the event loop,
+    # and a burst of uploads held a message's 250 for several of them.
+    sys.setswitchinterval(_SWITCH_INTERVAL)
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
