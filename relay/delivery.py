@@ -23,6 +23,7 @@ from relay.config import Config
 from relay.metrics import Metrics
 from relay.outgoing import MessageData, MessageFile, message_size
 from relay.spool import (
+    EXPIRED_PREFIX,
     REPORT_WAIT_CAP,
     Outcome,
     QueuedMessage,
@@ -153,7 +154,7 @@ def decide_outcome(message: QueuedMessage, result: SendResult, now: float,
         else:
             reply = result.temporary.get(address) or result.reply or "not attempted"
             if expired:
-                recipients.append(Recipient(address, "failed", f"expired after max_age: {reply}"))
+                recipients.append(Recipient(address, "failed", f"{EXPIRED_PREFIX}{reply}"))
             else:
                 recipients.append(Recipient(address, "pending", reply))
     attempts = message.attempts + 1

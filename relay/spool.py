@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import queue
-import re
 import sqlite3
 import threading
 import time
@@ -112,6 +111,8 @@ CREATE TABLE IF NOT EXISTS seen (
 REPORT_WINDOW = 48 * 3600.0
 # A delivered record waits for its final report at most this long (bounds the spool).
 REPORT_WAIT_CAP = 72 * 3600.0
+# How delivery words a recipient that ran past queue.max_age (relay.delivery).
+EXPIRED_PREFIX = "expired after max_age: "
 # The original header block kept for a DSN is cut (at a line end) to this size.
 _MAX_KEPT_HEADERS = 64 * 1024
 # A `messages` table without these is not a spool of ours (body_file is added to old spools).
@@ -150,12 +151,13 @@ class Recipient:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """A recipient that failed permanently, as a DSN reports it."""
+    """A recipient that failed permanently, with what says why (the bouncer words the DSN)."""
 
     address: str
-    status: str  # RFC 3463, e.g. 5.1.1
-    diagnostic: str  # Diagnostic-Code, e.g. "smtp; 550 5.1.1 no such user"
-    upstream_id: str | None = None
+    reply: str | None = None  # the SMTP reply at send time (a 5xx, or the max_age expiry)
+    expired: bool = False  # ran past queue.max_age
+    report: Report | None = None  # an UNDELIVERABLE, EXPIRED or REJECTED report
+    tracking: Tracking | None = None  # a LATE_BOUNCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -620,9 +622,7 @@ class SpoolDB:
             assert applied.bounced is not None
             applied.bounced.append(Bounced(message.id, new.address, new.upstream_id, status,
                                            error))
-            diagnostic = report.diagnostic() if report else "infobip; LATE_BOUNCE"
-            failure = Failed(new.address, report.dsn_status() if report else "5.0.0",
-                             diagnostic, new.upstream_id)
+            failure = Failed(new.address, report=report, tracking=item.tracking)
             self._bounce(replace(message, recipients=tuple(recipients)), [failure], now)
         return True
 
@@ -807,18 +807,11 @@ def _updated(recipient: Recipient, item: Incoming) -> Recipient:
                    state="bounced" if report.bounced else recipient.state)
 
 
-_ENHANCED = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
-
-
 def _send_failure(recipient: Recipient) -> Failed:
-    """A recipient refused at send time (5xx) or out of time (max_age), as a DSN reports it."""
+    """A recipient refused at send time (5xx) or out of time (max_age)."""
     reply = recipient.reply or "failed"
-    expired = reply.startswith("expired after max_age")
-    match = _ENHANCED.match(reply)
-    status = "4.4.7" if expired else match.group(1) if match else "5.0.0"
-    if status.startswith("2"):
-        status = "5.0.0"
-    return Failed(recipient.address, status, f"smtp; {reply}")
+    return Failed(recipient.address, reply=reply,
+                  expired=reply.startswith(EXPIRED_PREFIX))
 
 
 def _kept_headers(data: bytes) -> bytes:

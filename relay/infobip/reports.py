@@ -24,13 +24,6 @@ LATE_BOUNCE = "LATE_BOUNCE"
 # Fields are cut to this length: a report is stored, and its size must not be the sender's
 # choice.
 _MAX_FIELD = 500
-# RFC 3463 status for a bounce, by Infobip error name; otherwise by group.
-_STATUS_BY_ERROR = {
-    "INVALID_EMAIL_ADDRESS": "5.1.1",
-    "INBOX_FULL": "5.2.2",
-    "SENDER_DOMAIN_UNVERIFIED": "5.7.1",
-}
-_STATUS_BY_GROUP = {"UNDELIVERABLE": "5.0.0", "EXPIRED": "4.4.7", "REJECTED": "5.7.1"}
 
 
 class PayloadError(ValueError):
@@ -64,15 +57,6 @@ class Report:
         return cls(group=data["group"], status=data["status"], error=data["error"],
                    error_id=data.get("error_id"), permanent=bool(data.get("permanent")),
                    done_at=data.get("done_at"))
-
-    def dsn_status(self) -> str:
-        """The RFC 3463 code a DSN gives for this report."""
-        return _STATUS_BY_ERROR.get(self.error) or _STATUS_BY_GROUP.get(self.group, "5.0.0")
-
-    def diagnostic(self) -> str:
-        """Diagnostic-Code: ``infobip; UNDELIVERABLE_REJECTED_OPERATOR (6006 INVALID_...)``."""
-        error = f"{self.error_id} {self.error}" if self.error_id is not None else self.error
-        return f"infobip; {self.status} ({error})"
 
 
 @dataclass(frozen=True, slots=True)
