@@ -16,6 +16,8 @@ from typing import Any, Protocol, cast
 
 from prometheus_client import Counter
 
+from relay.headers import HeaderBlock
+from relay.infobip.headers import NOTIFY_URL
 from relay.listener import new_queue_id
 from relay.spool import Failed, Generated, QueuedMessage
 
@@ -68,7 +70,7 @@ class DsnBouncer:
             return None
         data = dsn.build_dsn(
             queue_id=message.id, original_mail_from=message.mail_from,
-            original_headers=headers,
+            original_headers=_without_notify_url(headers),
             failures=[self._failure(f) for f in failed],
             bounce_sender=self.sender, reporting_mta=self.reporting_mta,
             arrival_date=message.created, now=time.time())
@@ -92,3 +94,9 @@ class DsnBouncer:
             status = "4.4.7" if failed.expired else dsn.status_from_reply(reply)
             diagnostic = f"smtp; {reply}"
         return dsn.Failure(recipient=failed.address, status=status, diagnostic=diagnostic)
+
+
+def _without_notify_url(headers: bytes) -> bytes:
+    """The original headers less X-IB-Notify-Url: it carries the webhook's token."""
+    block, offset = HeaderBlock.parse(headers)
+    return block.to_bytes() + headers[offset:] if block.remove(NOTIFY_URL) else headers
