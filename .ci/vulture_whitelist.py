@@ -3,6 +3,7 @@
 from relay.app import Server
 from relay.delivery import _Job
 from relay.headers import HeaderBlock
+from relay.infobip.reports import Report
 from relay.listener import RelayHandler, RelaySMTP
 from relay.queueshape import bucket_index
 from relay.rules.model import RulesOutcome
@@ -22,8 +23,10 @@ RelayHandler.handle_DATA
 RelayHandler.handle_exception
 # logging.LogRecord fields the filters rewrite.
 _.msg
-# Read by the tests (the bound metrics port, and records' fields).
+# Read by the tests (the bound metrics and webhook ports, and records' fields).
 Server.metrics_port
+Server.webhook_port
+Report.done_at  # written out with dataclasses.asdict
 QueuedMessage.updated
 RulesOutcome.explanations
 HeaderBlock.changed
@@ -34,3 +37,5 @@ _._response_pending
 _Job.seq
 # The qshape bucketing that the SQL mirrors; its table test keeps the two in step.
 bucket_index
+# asyncio.StreamReader's flow-control mark, raised while DATA streams (listener._stream_data).
+_._limit

@@ -20,9 +20,14 @@ from relay import sdnotify
 from relay.config import Config, load_config, permission_warnings
 from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError
+from relay.httpserver import HTTPServer, health_app
 from relay.listener import ListenerState, protocol_factory
-from relay.metrics import HealthServer, Metrics
+from relay.metrics import Metrics
 from relay.pidfile import remove_pid, write_pid
+from relay.reports.bounces import DsnBouncer
+from relay.reports.pull import ReportPoller
+from relay.reports.sink import ReportSink
+from relay.reports.webhook import webhook_app
 from relay.spool import Spool, worker_spool_dir
 from relay.tlsconfig import adopt_certificates, listener_contexts
 from relay.upstream import connection_factory
@@ -30,6 +35,9 @@ from relay.upstream import connection_factory
 log = logging.getLogger("relay.server")
 # Seconds a thread may hold the GIL while others wait for it (CPython default: 0.005).
 _SWITCH_INTERVAL = 0.0005
+
+# How often reports that found no message yet are tried again.
+_MATCH_INTERVAL = 1.0
 
 
 class StartupError(RelayError):
@@ -53,7 +61,11 @@ class Server:
         self.spool: Spool | None = None
         self.delivery: Delivery | None = None
         self.state: ListenerState | None = None
-        self.health_server: HealthServer | None = None
+        self.health_server: HTTPServer | None = None
+        self.webhook_server: HTTPServer | None = None
+        self.webhook_port: int | None = None
+        self.reports: ReportSink | None = None
+        self.poller: ReportPoller | None = None
         self.listeners: list[asyncio.Server] = []
         self.bound: dict[str, tuple[str, int]] = {}
         self.metrics_port: int | None = None
@@ -93,6 +105,7 @@ class Server:
             self.spool = Spool.open(config.queue.path, worker=self.worker, workers=self.workers)
         except SpoolError as exc:
             raise StartupError(str(exc)) from exc
+        self._set_up_bounces(config, self.spool)
         self.spool.start()
         # The credentials may have been fixed while we were down.
         await self._release_auth_deferred("at start")
@@ -103,6 +116,7 @@ class Server:
         self.state.tls_contexts = listener_contexts(config)
         await self._start_listeners(config)
         await self._start_health(config)
+        await self._start_reports(config, self.spool)
         await self.delivery.start()
         if not self.supervised:
             write_pid(config.queue.path)
@@ -149,6 +163,10 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.health_server is not None:
             await self.health_server.stop()
+        if self.webhook_server is not None:
+            await self.webhook_server.stop()
+        if self.reports is not None:
+            self.reports.close()
         if not self.supervised:
             remove_pid(config.queue.path)  # before the spool's lock goes with close()
         if self.spool is not None:
@@ -221,7 +239,8 @@ class Server:
     async def _start_health(self, config: Config) -> None:
         if not config.metrics.enabled:
             return
-        self.health_server = HealthServer(self.metrics, self.readiness, self.refresh_stats)
+        self.health_server = HTTPServer(health_app(self.metrics, self.readiness,
+                                                   self.refresh_stats))
         try:
             port = config.metrics.port + self.worker if config.metrics.port else 0
             self.metrics_port = await self.health_server.start(config.metrics.address, port)
@@ -230,10 +249,60 @@ class Server:
                                f"{config.metrics.port}: {exc.strerror}") from exc
 
     async def readiness(self) -> tuple[bool, str]:
-        """Ready when the spool takes writes and the upstream answered recently."""
+        """Ready when the spool takes writes and the upstream answered recently.
+
+        A reports API that refuses the key does not stop mail: it is named, not failed.
+        """
         if self.spool is None or self.delivery is None or not await self.spool.check_writable():
             return False, "spool is not writable"
-        return self.delivery.health.readiness()
+        ready, reason = self.delivery.health.readiness()
+        if self.poller is not None and self.poller.auth_error:
+            reason = f"{reason}; reports pull: {self.poller.auth_error}"
+        return ready, reason
+
+    # -- delivery reports (issue 11)
+
+    def _set_up_bounces(self, config: Config, spool: Spool) -> None:
+        sender = config.reports.bounce_sender
+        if sender is None:
+            return
+        try:
+            bouncer = DsnBouncer(sender, config.hostname, self.metrics.bounces_sent)
+        except ImportError as exc:
+            raise StartupError("reports.bounces.sender is set but this build cannot write "
+                               f"DSNs ({exc})") from None
+        spool.db.keep_headers = True
+        spool.db.bouncer = bouncer
+
+    async def _start_reports(self, config: Config, spool: Spool) -> None:
+        """The webhook and the poller, in one process only (worker 0) with ``workers: N``."""
+        reports = config.reports
+        if not reports.enabled or self.worker != 0:
+            return
+        self.reports = ReportSink(spool, self.metrics, config.queue.path,
+                                  siblings=self.workers > 1, bouncer=spool.db.bouncer)
+        if reports.webhook is not None:
+            hook = reports.webhook
+            self.webhook_server = HTTPServer(webhook_app(hook, self.reports))
+            try:
+                self.webhook_port = await self.webhook_server.start(hook.address, hook.port)
+            except OSError as exc:
+                raise StartupError(f"reports.webhook cannot bind {hook.address}:{hook.port}: "
+                                   f"{exc.strerror}") from exc
+        if reports.pull is not None:
+            self.poller = ReportPoller(reports.pull, self.reports, self.metrics)
+            self._background(self.poller.run(), "reports-poller")
+        self._background(self._match_reports(self.reports), "reports-matcher")
+
+    @staticmethod
+    async def _match_reports(sink: ReportSink) -> None:
+        """Reports that came before their message's 250 was committed are matched here."""
+        while True:
+            await asyncio.sleep(_MATCH_INTERVAL)
+            try:
+                await sink.match_waiting()
+            except (SpoolError, OSError) as exc:
+                log.error("cannot match waiting reports: %s", exc)
 
     async def refresh_stats(self) -> None:
         if self.spool is None or self.delivery is None:
@@ -263,6 +332,8 @@ def _warn_unreloadable(old: Config, new: Config) -> None:
         log.warning("queue.path changes only on restart")
     if old.metrics != new.metrics:
         log.warning("metrics address changes only on restart")
+    if old.reports != new.reports:
+        log.warning("reports settings change only on restart (X-IB-* defaults excepted)")
 
 
 def run_server(server: Server) -> None:

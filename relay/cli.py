@@ -34,13 +34,22 @@ from relay.config import (
 from relay.envelope import MessageContext
 from relay.errors import RelayError, SpoolError
 from relay.infobip.regions import format_region_table
+from relay.infobip.reports import Report
 from relay.logs import configure_logging
 from relay.message import Arrival, MessageRefused, prepare
 from relay.opscli import add_shape_command, add_status_command
 from relay.passwords import hash_password
 from relay.pidfile import read_pid
 from relay.rules import render_rules_report
-from relay.spool import LOCK_FILE, QueuedMessage, SpoolDB, find_spools, open_private
+from relay.spool import (
+    LOCK_FILE,
+    STATES,
+    QueuedMessage,
+    Recipient,
+    SpoolDB,
+    find_spools,
+    open_private,
+)
 from relay.supervisor import run_workers
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -128,8 +137,9 @@ def _add_queue_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     actions = queue.add_subparsers(title="queue commands", metavar="ACTION")
     listing = actions.add_parser("list", help="list messages")
     listing.add_argument("--state", action="append",
-                         choices=["queued", "deferred", "failed", "delivered"],
-                         help="only these states (repeatable; default: all but delivered)")
+                         choices=list(STATES),
+                         help="only these states (repeatable; default: queued, deferred, "
+                              "failed and bounced)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.add_argument("--limit", type=int, default=1000)
     listing.set_defaults(func=_queue_list)
@@ -288,7 +298,7 @@ def _in_spools(args: argparse.Namespace, action: Callable[[SpoolDB], T | None]) 
 
 
 def _queue_list(args: argparse.Namespace) -> int:
-    states = args.state or ["queued", "deferred", "failed"]
+    states = args.state or ["queued", "deferred", "failed", "bounced"]
     messages: list[QueuedMessage] = []
     databases = _open_spools(args)
     try:
@@ -340,7 +350,20 @@ def _queue_show(args: argparse.Namespace) -> int:
     print("recipients:")
     for recipient in message.recipients:
         print(f"  <{recipient.address}> {recipient.state}: {recipient.reply or '-'}")
+        if recipient.report is not None:
+            print(f"    report: {_report_line(recipient.report)}")
+        if recipient.tracking is not None:
+            print(f"    last event: {recipient.tracking.type}"
+                  + (f" at {_stamp(recipient.tracking.at)}" if recipient.tracking.at else ""))
     return EXIT_OK
+
+
+def _report_line(report: Report) -> str:
+    """``UNDELIVERABLE UNDELIVERABLE_REJECTED_OPERATOR, error 6006 INVALID_... (permanent)``."""
+    error = f"{report.error_id} {report.error}" if report.error_id is not None else report.error
+    permanent = " (permanent)" if report.permanent else ""
+    done = f", done {report.done_at}" if report.done_at else ""
+    return f"{report.group} {report.status}, error {error or '-'}{permanent}{done}"
 
 
 def _queue_retry(args: argparse.Namespace) -> int:
@@ -516,9 +539,15 @@ def _message_dict(message: QueuedMessage) -> dict[str, object]:
         "mail_from": message.mail_from, "client": message.client,
         "auth_user": message.auth_user, "listener": message.listener,
         "last_reply": message.last_reply, "upstream_id": message.upstream_id,
-        "recipients": [{"address": r.address, "state": r.state, "reply": r.reply}
-                       for r in message.recipients],
+        "recipients": [_recipient_dict(r) for r in message.recipients],
     }
+
+
+def _recipient_dict(recipient: Recipient) -> dict[str, object]:
+    return {"address": recipient.address, "state": recipient.state, "reply": recipient.reply,
+            "upstream_id": recipient.upstream_id,
+            "report": recipient.report.as_dict() if recipient.report else None,
+            "tracking": recipient.tracking.as_dict() if recipient.tracking else None}
 
 
 def _stamp(timestamp: float) -> str:

@@ -175,6 +175,56 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PullConfig:
+    """Poll Infobip's one-time reports API (works behind NAT: no inbound port)."""
+
+    base_url: str
+    api_key: Secret
+    interval: float = 30.0
+    ca_file: Path | None = None
+    api_key_file: Path | None = None  # where api_key came from, for permission_warnings()
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context: the system store plus ``ca_file``; never unverified."""
+        context = ssl.create_default_context()
+        if self.ca_file is not None:
+            context.load_verify_locations(cafile=str(self.ca_file))
+        return context
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """Receive Infobip's report and tracking POSTs."""
+
+    token: Secret
+    address: str = "127.0.0.1"
+    port: int = 9470
+    path: str = "/infobip/reports"
+    public_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportsConfig:
+    pull: PullConfig | None = None
+    webhook: WebhookConfig | None = None
+    # X-IB-Callback-Data for messages without one ({queue_id} is replaced); None: leave it.
+    callback_data: str | None = "{queue_id}"
+    # Envelope and From: of RFC 3464 DSNs; None: no DSNs.
+    bounce_sender: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.pull is not None or self.webhook is not None
+
+    def notify_url(self) -> str | None:
+        """X-IB-Notify-Url for messages without one: the public URL with the token in it."""
+        if self.webhook is None or self.webhook.public_url is None:
+            return None
+        separator = "&" if "?" in self.webhook.public_url else "?"
+        return f"{self.webhook.public_url}{separator}token={self.webhook.token.reveal()}"
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
     format: LogFormat = "text"
@@ -190,6 +240,7 @@ class Config:
     users: tuple[UserConfig, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    reports: ReportsConfig = field(default_factory=ReportsConfig)
     hostname: str = "localhost"
     grace_period: float = 30.0
     workers: int = 1
@@ -288,6 +339,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
     queue = _build_queue(top.get("queue"), env, base_dir, access.max_message_size)
     metrics = _build_metrics(top.get("metrics"), env)
     logging_config = _build_logging(top.get("logging"))
+    reports = _build_reports(top.get("reports"), env, base_dir, upstream.password)
     rules = compile_rules(top.get("rules"), "rules")
     hostname = top.convert("hostname", _hostname, socket.gethostname() or top.default("hostname"))
     grace = top.convert("grace_period", parse_duration)
@@ -295,7 +347,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
     top.finish()
     config = Config(
         listeners=listeners, access=access, upstream=upstream, queue=queue, rules=rules,
-        users=users, metrics=metrics, logging=logging_config, hostname=hostname,
+        users=users, metrics=metrics, logging=logging_config, reports=reports, hostname=hostname,
         grace_period=grace, workers=workers, source=source,
     )
     _check_relay_policy(config)
@@ -621,6 +673,119 @@ def _build_logging(raw: object) -> LoggingConfig:
     return config
 
 
+def _build_reports(raw: object, env: Mapping[str, str], base_dir: Path | None,
+                   upstream_key: Secret) -> ReportsConfig:
+    section = Section(raw, "reports", model=ReportsConfig,
+                      keys=("pull", "webhook", "callback_data", "bounces"))
+    pull = _build_pull(section.get("pull"), base_dir, upstream_key) \
+        if section.has("pull") else None
+    webhook = _build_webhook(section.get("webhook"), env) if section.has("webhook") else None
+    # Written as null, callback_data leaves the header alone; left out, it takes the default.
+    callback_data = section.convert("callback_data", _callback_template, None) \
+        if "callback_data" in section.raw else section.default("callback_data")
+    bounces = Section(section.get("bounces"), section.at("bounces"), keys=("sender",))
+    sender = bounces.convert("sender", _mailbox, None)
+    bounces.finish()
+    section.finish()
+    return ReportsConfig(pull=pull, webhook=webhook, callback_data=callback_data,
+                         bounce_sender=sender)
+
+
+def _callback_template(value: Any) -> str:
+    text = str(value)
+    try:
+        text.format(queue_id="")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"only {{queue_id}} may be replaced in {text!r}") from None
+    if not text or len(text.format(queue_id="X" * 23)) > 4000:
+        raise ValueError("must be 1 to 4000 characters (Infobip's limit)")
+    return text
+
+
+def _build_pull(raw: object, base_dir: Path | None, upstream_key: Secret) -> PullConfig:
+    section = Section(raw, "reports.pull", model=PullConfig)
+    base_url = section.convert("base_url", _https_base_url, None)
+    if base_url is None:
+        raise ConfigError(section.at("base_url"), "required: the account's API base URL, e.g. "
+                          "https://xxxxx.api.infobip.com (not the SMTP host)")
+    interval = section.convert("interval", parse_duration)
+    if interval < 1:
+        raise ConfigError(section.at("interval"), "must be at least 1s")
+    ca_file = section.convert("ca_file", path_in(base_dir))
+    if ca_file is not None and not ca_file.is_file():
+        raise ConfigError(section.at("ca_file"), f"file not found: {ca_file}")
+    key_file = section.convert("api_key_file", path_in(base_dir))
+    api_key = _pull_api_key(section, key_file, upstream_key)
+    section.finish()
+    return PullConfig(base_url=base_url, api_key=api_key, interval=interval, ca_file=ca_file,
+                      api_key_file=key_file)
+
+
+def _pull_api_key(section: Section, key_file: Path | None, upstream_key: Secret) -> Secret:
+    """reports.pull.api_key or api_key_file; by default the upstream password (same key)."""
+    given = section.get("api_key")
+    if given is not None and key_file is not None:
+        raise ConfigError(section.at("api_key_file"), "give api_key or api_key_file, not both")
+    if key_file is not None:
+        try:
+            text = key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(section.at("api_key_file"),
+                              f"cannot read {key_file}: {exc.strerror}") from None
+        if not text:
+            raise ConfigError(section.at("api_key_file"), f"{key_file} is empty")
+        return Secret(text)
+    if given is not None:
+        if not str(given).strip():
+            raise ConfigError(section.at("api_key"), "is empty")
+        return Secret(str(given).strip())
+    return upstream_key
+
+
+def _https_base_url(value: Any) -> str:
+    text = str(value).strip().rstrip("/")
+    match = re.fullmatch(r"https://[A-Za-z0-9.-]+(:\d{1,5})?", text)
+    if not match:
+        raise ValueError(f"expected https://host[:port] with no path, got {text!r}; TLS is "
+                         "mandatory")
+    return text
+
+
+def _build_webhook(raw: object, env: Mapping[str, str]) -> WebhookConfig:
+    section = Section(raw, "reports.webhook", model=WebhookConfig, env=env)
+    token = str(section.get("token") or "").strip()
+    if not token:
+        raise ConfigError(section.at("token"), "required when the webhook is on (Infobip sends "
+                          "it back as ?token=...): e.g. token: ${RELAY_REPORTS_TOKEN}")
+    if len(token) < 16:
+        raise ConfigError(section.at("token"), "must be at least 16 characters")
+    if not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
+        raise ConfigError(section.at("token"),
+                          "only letters, digits and . _ ~ - (it goes into a URL as it is)")
+    path = str(section.get("path", section.default("path")))
+    if not path.startswith("/") or "?" in path or " " in path:
+        raise ConfigError(section.at("path"), f"expected a URL path such as /infobip/reports, "
+                          f"got {path!r}")
+    webhook = WebhookConfig(
+        token=Secret(token),
+        address=str(section.get("address", section.default("address"))),
+        port=section.convert("port", _listen_port),
+        path=path,
+        public_url=section.convert("public_url", _public_url, None),
+    )
+    section.finish()
+    return webhook
+
+
+def _public_url(value: Any) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?(\?[^\s#]*)?", text):
+        raise ValueError(f"expected an absolute http(s) URL, got {text!r}")
+    if re.search(r"[?&]token=", text):
+        raise ValueError("leave the token out: the relay adds ?token=... itself")
+    return text
+
+
 def _check_relay_policy(config: Config) -> None:
     """Refuse configurations that would make an open relay or lock every client out."""
     too_wide = overly_public_networks(config.access.trusted_networks)
@@ -720,8 +885,9 @@ def _plain(value: Any) -> Any:
 
 
 _SIZE_FIELDS = {"max_message_size", "min_free_space"}
-_DURATION_FIELDS = {"max_age", "retry_initial", "retry_max", "keep_delivered", "auth_retry",
-                    "command_timeout", "data_timeout", "timeout", "idle_timeout", "grace_period"}
+_DURATION_FIELDS = {"interval", "max_age", "retry_initial", "retry_max", "keep_delivered",
+                    "auth_retry", "command_timeout", "data_timeout", "timeout", "idle_timeout",
+                    "grace_period"}
 
 
 def _plain_field(name: str, value: Any) -> Any:
@@ -735,6 +901,10 @@ def _plain_field(name: str, value: Any) -> Any:
 def iter_secret_values(config: Config) -> Iterator[str]:
     """Every secret in the config, so that tests and log filters can check none leaks."""
     yield config.upstream.password.reveal()
+    if config.reports.pull is not None:
+        yield config.reports.pull.api_key.reveal()
+    if config.reports.webhook is not None:
+        yield config.reports.webhook.token.reveal()
     for user in config.users:
         yield user.password_hash.reveal()
 
@@ -742,6 +912,8 @@ def iter_secret_values(config: Config) -> Iterator[str]:
 def permission_warnings(config: Config) -> list[str]:
     """Secret files that other users can read or change: one line each, never the secret."""
     files = [("upstream.password_file", config.upstream.password_file)]
+    if config.reports.pull is not None:
+        files.append(("reports.pull.api_key_file", config.reports.pull.api_key_file))
     files += [(f"{item_path('listeners', index)}.private_key", listener.private_key)
               for index, listener in enumerate(config.listeners)]
     warnings = []

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from relay.config import Config
 from relay.metrics import Metrics
 from relay.outgoing import MessageData, MessageFile, message_size
-from relay.spool import Outcome, QueuedMessage, Recipient, Spool, State
+from relay.spool import (
+    EXPIRED_PREFIX,
+    REPORT_WAIT_CAP,
+    Outcome,
+    QueuedMessage,
+    Recipient,
+    Spool,
+    State,
+    message_state,
+)
 from relay.upstream import (
     SendResult,
     Upstream,
@@ -45,7 +54,8 @@ _MAX_CONNECT_BACKOFF = 60.0
 # While mail waits for a paused upstream, probe this often: one failed burst of connects must not
 # hold the mail back for _MAX_CONNECT_BACKOFF once the upstream is back.
 _WAITING_PROBE_INTERVAL = 2.0
-_LOG_LEVELS = {"delivered": logging.INFO, "pending": logging.WARNING, "failed": logging.ERROR}
+_LOG_LEVELS = {"delivered": logging.INFO, "pending": logging.WARNING, "failed": logging.ERROR,
+               "bounced": logging.ERROR}
 # Ready means the upstream answered within this window (a probe runs every _PROBE_INTERVAL).
 _READY_UPSTREAM_WINDOW = 300.0
 
@@ -137,17 +147,18 @@ def decide_outcome(message: QueuedMessage, result: SendResult, now: float,
         if recipient.state != "pending":
             recipients.append(recipient)
         elif address in result.accepted:
-            recipients.append(Recipient(address, "delivered", result.reply))
+            recipients.append(Recipient(address, "delivered", result.reply,
+                                        upstream_id=result.upstream_id))
         elif address in result.permanent:
             recipients.append(Recipient(address, "failed", result.permanent[address]))
         else:
             reply = result.temporary.get(address) or result.reply or "not attempted"
             if expired:
-                recipients.append(Recipient(address, "failed", f"expired after max_age: {reply}"))
+                recipients.append(Recipient(address, "failed", f"{EXPIRED_PREFIX}{reply}"))
             else:
                 recipients.append(Recipient(address, "pending", reply))
     attempts = message.attempts + 1
-    state = _message_state(recipients)
+    state = message_state(recipients)
     next_attempt = now
     if state == "deferred":
         next_attempt = now + max(min_delay, backoff_delay(attempts, queue.retry_initial,
@@ -168,15 +179,6 @@ def _explaining_reply(message: QueuedMessage, recipients: list[Recipient], resul
             if recipient.state == wanted and recipient.address in attempted and recipient.reply:
                 return recipient.reply
     return result.reply or None
-
-
-def _message_state(recipients: list[Recipient]) -> State:
-    states = {r.state for r in recipients}
-    if "pending" in states:
-        return "deferred"
-    if "failed" in states:
-        return "failed"
-    return "delivered"
 
 
 class Delivery:
@@ -457,7 +459,9 @@ class Delivery:
                 last_prune = now
                 with contextlib.suppress(Exception):
                     pruned = await self.spool.prune_delivered(
-                        time.time() - self.config.queue.keep_delivered)
+                        time.time() - self.config.queue.keep_delivered,
+                        # Records wait for their final report, but not forever.
+                        time.time() - REPORT_WAIT_CAP if self.config.reports.enabled else None)
                     if pruned:
                         log.debug("pruned %d delivered record(s)", pruned)
             if self._unrecorded:

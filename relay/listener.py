@@ -33,6 +33,7 @@ from relay.bodyfiles import PARTIAL_SUFFIX
 from relay.config import Config, ListenerConfig
 from relay.envelope import Envelope, MessageContext
 from relay.errors import SpoolError
+from relay.infobip.headers import report_defaults
 from relay.message import Arrival, MessageRefused, PreparedMessage, prepare_head
 from relay.metrics import Metrics
 from relay.passwords import verify_password
@@ -742,7 +743,12 @@ class RelayHandler:
                               client_headers=self.listener.client_headers)
         self._count_rules(outcome.matched, outcome.fixed, outcome.dropped, outcome.warnings,
                           queue_id)
-        prepared = PreparedMessage(outcome.data, received.body)
+        # After the rules, so that a rule or the application may set them itself; only when
+        # the relay takes reports in (otherwise nothing would read them).
+        reports = self.state.config.reports
+        head = report_defaults(outcome.data, queue_id, reports.callback_data,
+                               reports.notify_url()) if reports.enabled else outcome.data
+        prepared = PreparedMessage(head, received.body)
         data = prepared.data
         options = _forwarded_options(envelope, received.ascii and data.isascii(),
                                      self.state.sink.upstream_smtputf8)

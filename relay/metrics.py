@@ -1,10 +1,7 @@
-"""Prometheus metrics and the HTTP endpoints /metrics, /healthz and /readyz."""
+"""Prometheus metrics of one relay instance (served by relay.httpserver)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -16,14 +13,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from relay import __version__
 
 if TYPE_CHECKING:
     from relay.upstream import SendResult
-
-log = logging.getLogger("relay.metrics")
 
 Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 StatsRefresher = Callable[[], Awaitable[None]]
@@ -100,6 +94,22 @@ class Metrics:
                                     "1 if the spool takes writes (evaluated at each scrape)",
                                     registry=r)
         self.spool_writable.set(1)
+        # Delivery reports and tracking events (issue 11).
+        self.reports = Counter("relay_reports", "Infobip delivery reports received, by status "
+                               "group (each report once)", ["group"], registry=r)
+        self.tracking_events = Counter("relay_tracking_events", "Infobip tracking events "
+                                       "received, by type (each eventId once)", ["type"],
+                                       registry=r)
+        self.bounces_sent = Counter("relay_bounces_sent", "DSNs queued to original senders",
+                                    registry=r)
+        self.reports_unmatched = Gauge("relay_reports_unmatched", "Reports and tracking events "
+                                       "waiting for their message's record", registry=r)
+        self.reports_pull_success = Gauge(
+            "relay_reports_pull_last_success_timestamp_seconds",
+            "Unix time of the last successful poll of Infobip's reports API (0: none yet)",
+            registry=r)
+        self.reports_pull_errors = Counter("relay_reports_pull_errors", "Failed polls of "
+                                           "Infobip's reports API", ["kind"], registry=r)
 
     def observe_send(self, seconds: float, result: SendResult, size: int) -> None:
         self.send_latency.observe(seconds)
@@ -115,66 +125,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class HealthServer:
-    """A tiny asyncio HTTP/1.1 server: enough for Prometheus and orchestrator probes."""
-
-    def __init__(self, metrics: Metrics, readiness: Readiness, refresh: StatsRefresher) -> None:
-        self.metrics = metrics
-        self.readiness = readiness
-        self.refresh = refresh
-        self._server: asyncio.Server | None = None
-        self.started = time.time()
-
-    async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, host, port)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 10)
-            while (line := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n",
-                                                                                  b""):
-                del line
-            parts = request.decode("latin-1").split()
-            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
-                await self._respond(writer, 405, b"method not allowed\n")
-                return
-            status, body, content_type = await self._route(parts[1].split("?", 1)[0])
-            await self._respond(writer, status, body if parts[0] == "GET" else b"", content_type)
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
-        except Exception:
-            log.exception("health endpoint failed")
-            await self._respond(writer, 500, b"internal error\n")
-        finally:
-            writer.close()
-
-    async def _route(self, path: str) -> tuple[int, bytes, str]:
-        if path == "/metrics":
-            await self.refresh()
-            self.metrics.observe_readiness(*await self.readiness())
-            return 200, self.metrics.render(), CONTENT_TYPE_LATEST
-        if path == "/healthz":
-            return 200, b"ok\n", "text/plain"
-        if path == "/readyz":
-            ready, reason = await self.readiness()
-            return (200 if ready else 503), (reason + "\n").encode(), "text/plain"
-        return 404, b"not found\n", "text/plain"
-
-    @staticmethod
-    async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes,
-                       content_type: str = "text/plain") -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Error",
-                  503: "Service Unavailable"}.get(status, "OK")
-        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-        writer.write(head.encode() + body)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -41,13 +42,16 @@ from relay.bodyfiles import (
 )
 from relay.envelope import Envelope
 from relay.errors import SpoolError
-from relay.infobip.priority import PRIORITY_NAMES
+from relay.headers import header_end
+from relay.infobip.priority import DEFAULT_PRIORITY, PRIORITY_NAMES
+from relay.infobip.reports import LATE_BOUNCE, Incoming, Report, Tracking
 from relay.outgoing import MessageData, MessageFile
 
 log = logging.getLogger("relay.spool")
 
-State = Literal["queued", "deferred", "failed", "delivered"]
-RecipientState = Literal["pending", "delivered", "failed"]
+State = Literal["queued", "deferred", "failed", "delivered", "bounced"]
+STATES: tuple[State, ...] = ("queued", "deferred", "failed", "delivered", "bounced")
+RecipientState = Literal["pending", "delivered", "failed", "bounced"]
 DB_NAME = "queue.sqlite3"
 BODIES_DIR = "bodies"
 # Held (flock) by the relay serving the spool; the CLI takes it to know that none does.
@@ -79,10 +83,41 @@ CREATE TABLE IF NOT EXISTS messages (
     upstream_id  TEXT,
     data         BLOB,
     body_file    INTEGER NOT NULL DEFAULT 0,
-    auth_deferred INTEGER NOT NULL DEFAULT 0
+    auth_deferred INTEGER NOT NULL DEFAULT 0,
+    headers      BLOB,
+    awaiting_report INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
 """
+# Delivery reports (issue 11). `sent`: which message and recipient an Infobip message id (from
+# the DATA reply) stands for. `inbox`: reports and tracking events not matched yet (they can
+# arrive before the 250 is committed), kept for REPORT_WINDOW. `seen`: the keys of every item
+# received in REPORT_WINDOW, so that a repeated POST or page changes and counts nothing.
+_REPORTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sent (
+    upstream_id TEXT NOT NULL,
+    recipient   TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    PRIMARY KEY (upstream_id, recipient)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inbox (
+    key      TEXT PRIMARY KEY,
+    received REAL NOT NULL,
+    item     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen (
+    key      TEXT PRIMARY KEY,
+    received REAL NOT NULL
+) WITHOUT ROWID;
+"""
+# Infobip keeps reports for 48 hours: an item unmatched for that long never will be.
+REPORT_WINDOW = 48 * 3600.0
+# A delivered record waits for its final report at most this long (bounds the spool).
+REPORT_WAIT_CAP = 72 * 3600.0
+# How delivery words a recipient that ran past queue.max_age (relay.delivery).
+EXPIRED_PREFIX = "expired after max_age: "
+# The original header block kept for a DSN is cut (at a line end) to this size.
+_MAX_KEPT_HEADERS = 64 * 1024
 # A `messages` table without these is not a spool of ours (body_file is added to old spools).
 _REQUIRED_COLUMNS = frozenset({
     "id", "state", "priority", "created", "updated", "next_attempt", "attempts", "mail_from",
@@ -90,8 +125,8 @@ _REQUIRED_COLUMNS = frozenset({
     "upstream_id", "data"})
 _INSERT = ("INSERT INTO messages (id, state, priority, created, updated, next_attempt,"
            " attempts, mail_from, recipients, mail_options, size, client, auth_user,"
-           " listener, data, body_file)"
-           " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           " listener, data, body_file, headers)"
+           " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +134,69 @@ class Recipient:
     address: str
     state: RecipientState = "pending"
     reply: str | None = None
+    # Infobip's message id from the DATA reply that accepted this recipient.
+    upstream_id: str | None = None
+    report: Report | None = None
+    tracking: Tracking | None = None
+
+    def merged_with(self, stored: Recipient) -> Recipient:
+        """This attempt's view of a recipient, keeping what reports wrote meanwhile.
+
+        A report that arrived during the attempt (for a recipient accepted earlier) must not
+        be overwritten by the attempt's stale copy, and a bounce is never undone.
+        """
+        if stored.report is None and stored.tracking is None and stored.state != "bounced":
+            return self
+        state = "bounced" if stored.state == "bounced" else self.state
+        return replace(self, state=state, report=stored.report or self.report,
+                       tracking=stored.tracking or self.tracking)
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A recipient that failed permanently, with what says why (the bouncer words the DSN)."""
+
+    address: str
+    reply: str | None = None  # the SMTP reply at send time (a 5xx, or the max_age expiry)
+    expired: bool = False  # ran past queue.max_age
+    report: Report | None = None  # an UNDELIVERABLE, EXPIRED or REJECTED report
+    tracking: Tracking | None = None  # a LATE_BOUNCE
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    """A message the relay writes itself (a DSN), to be queued like any other."""
+
+    id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+# Called inside the transaction that makes recipients fail: (message, its kept header block,
+# the failures) -> the DSN to queue, or None. Set by the relay when bounces are on.
+Bouncer = Callable[["QueuedMessage", bytes, list[Failed]], Generated | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Bounced:
+    """A recipient that a report or tracking event bounced (logged once committed)."""
+
+    queue_id: str
+    address: str
+    upstream_id: str | None
+    status: str
+    error: str
+
+
+@dataclass
+class Applied:
+    """What a batch of reports and tracking events did to the spool."""
+
+    new: list[Incoming]
+    duplicates: int = 0
+    unmatched: int = 0
+    bounced: list[Bounced] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,14 +249,49 @@ _COLUMNS = ("id, state, priority, created, updated, next_attempt, attempts, mail
 
 
 _RECORD = ("UPDATE messages SET state=?, recipients=?, next_attempt=?, attempts=?, last_reply=?,"
-           " upstream_id=COALESCE(?, upstream_id), auth_deferred=?, updated=? WHERE id=?")
+           " upstream_id=COALESCE(?, upstream_id), auth_deferred=?, awaiting_report=?, updated=?"
+           " WHERE id=?")
 # A delivered message keeps its record (for `queue list --state delivered`) but not its bytes.
 _RECORD_DELIVERED = _RECORD.replace(" WHERE", ", data=NULL WHERE")
+_APPLY = ("UPDATE messages SET state=?, recipients=?, awaiting_report=?, updated=? WHERE id=?")
+
+
+def _decode_recipient(item: dict[str, Any]) -> Recipient:
+    report, tracking = item.get("rep"), item.get("t")
+    return Recipient(item["a"], item["s"], item.get("r"), item.get("u"),
+                     Report.from_dict(report) if report else None,
+                     Tracking.from_dict(tracking) if tracking else None)
+
+
+def _decode_recipients(text: str) -> tuple[Recipient, ...]:
+    return tuple(_decode_recipient(item) for item in json.loads(text))
+
+
+def message_state(recipients: Iterable[Recipient]) -> State:
+    """A message's state from its recipients': any bounced recipient makes it bounced."""
+    states = {r.state for r in recipients}
+    if "pending" in states:
+        return "deferred"
+    if "bounced" in states:
+        return "bounced"
+    if "failed" in states:
+        return "failed"
+    return "delivered"
+
+
+def _awaiting_report(recipients: Iterable[Recipient]) -> bool:
+    """Whether a recipient that Infobip accepted still lacks its final report."""
+    return any(r.state == "delivered" and (r.report is None or not r.report.final)
+               for r in recipients)
+
+
+def _keeps_data(recipients: Iterable[Recipient]) -> bool:
+    """Pending recipients need the bytes to be sent, failed ones to be retried."""
+    return any(r.state in ("pending", "failed") for r in recipients)
 
 
 def _row_to_message(row: tuple[Any, ...]) -> QueuedMessage:
-    recipients = tuple(Recipient(item["a"], item["s"], item.get("r"))
-                       for item in json.loads(row[8]))
+    recipients = _decode_recipients(row[8])
     return QueuedMessage(
         id=row[0], state=row[1], priority=row[2], created=row[3], updated=row[4],
         next_attempt=row[5], attempts=row[6], mail_from=row[7], recipients=recipients,
@@ -167,9 +300,19 @@ def _row_to_message(row: tuple[Any, ...]) -> QueuedMessage:
     )
 
 
+def _encode_recipient(r: Recipient) -> dict[str, Any]:
+    item: dict[str, Any] = {"a": r.address, "s": r.state, "r": r.reply}
+    if r.upstream_id is not None:
+        item["u"] = r.upstream_id
+    if r.report is not None:
+        item["rep"] = r.report.as_dict()
+    if r.tracking is not None:
+        item["t"] = r.tracking.as_dict()
+    return item
+
+
 def _encode_recipients(recipients: Iterable[Recipient]) -> str:
-    return json.dumps([{"a": r.address, "s": r.state, "r": r.reply} for r in recipients],
-                      separators=(",", ":"))
+    return json.dumps([_encode_recipient(r) for r in recipients], separators=(",", ":"))
 
 
 class SpoolDB:
@@ -198,6 +341,7 @@ class SpoolDB:
             self.conn.execute("PRAGMA busy_timeout=30000")
             self.conn.executescript(_SCHEMA)
             self._add_missing_columns()
+            self.conn.executescript(_REPORTS_SCHEMA)
         except (sqlite3.Error, SpoolError) as exc:
             self.conn.close()
             if isinstance(exc, SpoolError):
@@ -209,6 +353,9 @@ class SpoolDB:
                 restrict_mode(directory / name, 0o600)
         # Files to remove once the transaction that stops referring to them has committed.
         self._unlink_after_commit: list[Path] = []
+        # Bounces (issue 11): the relay sets these when reports.bounces.sender is set.
+        self.keep_headers = False
+        self.bouncer: Bouncer | None = None
 
     def _check_database(self) -> bool:
         """Refuse a damaged or foreign database (SpoolError); True when it is new or empty."""
@@ -257,6 +404,10 @@ class SpoolDB:
             self.conn.execute(
                 "UPDATE messages SET auth_deferred=1 WHERE state='deferred'"
                 " AND last_reply LIKE 'upstream authentication failed:%'")
+        if "headers" not in columns:  # spools written before delivery reports (issue 11)
+            self.conn.execute("ALTER TABLE messages ADD COLUMN headers BLOB")
+            self.conn.execute(
+                "ALTER TABLE messages ADD COLUMN awaiting_report INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.conn.close()
@@ -304,7 +455,8 @@ class SpoolDB:
                 _INSERT,
                 (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
                  json.dumps(list(envelope.mail_options)), size, ctx.client_ip,
-                 ctx.auth_user, ctx.listener, None if in_file else envelope.data, int(in_file)),
+                 ctx.auth_user, ctx.listener, None if in_file else envelope.data, int(in_file),
+                 _kept_headers(envelope.data) if self.keep_headers else None),
             )
         except sqlite3.Error:
             if in_file:
@@ -351,17 +503,153 @@ class SpoolDB:
             raise
 
     def record(self, message_id: str, outcome: Outcome, now: float) -> bool:
-        """Store an attempt's outcome; delivered messages drop their data. False if deleted."""
-        sql = _RECORD_DELIVERED if outcome.state == "delivered" else _RECORD
+        """Store an attempt's outcome; delivered messages drop their data. False if deleted.
+
+        Reports that arrived during the attempt are kept; recipients accepted with an Infobip
+        id are indexed for reports; those that failed for good get a DSN (when bounces are on).
+        """
+        stored = self.get(message_id)
+        if stored is None:
+            return False
+        recipients = _merge(outcome.recipients, stored.recipients)
+        state = outcome.state if outcome.state == "deferred" else message_state(recipients)
+        drop = not _keeps_data(recipients)
         cursor = self.conn.execute(
-            sql,
-            (outcome.state, _encode_recipients(outcome.recipients), outcome.next_attempt,
+            _RECORD_DELIVERED if drop else _RECORD,
+            (state, _encode_recipients(recipients), outcome.next_attempt,
              outcome.attempts, outcome.last_reply, outcome.upstream_id,
-             int(outcome.auth_deferred), now, message_id),
+             int(outcome.auth_deferred), int(_awaiting_report(recipients)), now, message_id),
         )
-        if outcome.state == "delivered" and cursor.rowcount:
+        self._index_sent(message_id, recipients, stored.recipients)
+        failed = [_send_failure(new) for old, new in zip(stored.recipients, recipients,
+                                                          strict=True)
+                  if old.state == "pending" and new.state == "failed"]
+        if failed:
+            self._bounce(replace(stored, recipients=recipients), failed, now)
+        if drop and cursor.rowcount:
             self._unlink_after_commit.extend(self._body_files(message_id))
         return cursor.rowcount > 0
+
+    def _index_sent(self, message_id: str, recipients: tuple[Recipient, ...],
+                    before: tuple[Recipient, ...]) -> None:
+        rows = [(new.upstream_id, new.address.lower(), message_id)
+                for old, new in zip(before, recipients, strict=True)
+                if new.upstream_id is not None and old.upstream_id != new.upstream_id]
+        if rows:
+            self.conn.executemany("INSERT OR REPLACE INTO sent VALUES (?, ?, ?)", rows)
+
+    def _bounce(self, message: QueuedMessage, failed: list[Failed], now: float) -> None:
+        """Queue the DSN for ``failed`` recipients in the transaction that made them fail."""
+        if self.bouncer is None:
+            return
+        headers = self._headers(message.id)
+        dsn = self.bouncer(message, headers, failed)
+        if dsn is None:
+            return
+        recipients = _encode_recipients(Recipient(address) for address in dsn.recipients)
+        self.conn.execute(_INSERT, (dsn.id, DEFAULT_PRIORITY, now, now, now, dsn.mail_from,
+                                    recipients, "[]", len(dsn.data), None, None, "dsn",
+                                    dsn.data, 0, None))
+
+    def _headers(self, message_id: str) -> bytes:
+        """The header block kept for a DSN (or, failing that, the one in the message's data)."""
+        row = self.conn.execute("SELECT headers, data FROM messages WHERE id=?",
+                                (message_id,)).fetchone()
+        if row is None:
+            return b""
+        if row[0] is not None:
+            return bytes(row[0])
+        return _kept_headers(bytes(row[1])) if row[1] is not None else b""
+
+    # -- delivery reports and tracking events
+
+    def receive(self, items: list[Incoming], now: float) -> Applied:
+        """Take a batch in: each new item is applied to its recipient or kept in the inbox.
+
+        Items received before (same key, within REPORT_WINDOW) are counted as duplicates and
+        change nothing: Infobip retries, and a client may POST the same batch twice.
+        """
+        applied = Applied(new=[], bounced=[])
+        for item in items:
+            key = item.key
+            if self.conn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)",
+                                 (key, now)).rowcount == 0:
+                applied.duplicates += 1
+                continue
+            applied.new.append(item)
+            if not self.apply(item, now, applied):
+                applied.unmatched += 1
+                self.conn.execute("INSERT OR IGNORE INTO inbox VALUES (?, ?, ?)",
+                                  (key, now, json.dumps(item.to_json())))
+        return applied
+
+    def match_inbox(self, now: float, others: Iterable[SpoolDB] = (), limit: int = 1000
+                    ) -> tuple[Applied, int]:
+        """Apply the inbox items that match now (here or in ``others``); drop expired ones.
+
+        Returns what was applied and how many items expired unmatched.
+        """
+        applied = Applied(new=[], bounced=[])
+        rows = self.conn.execute("SELECT key, item FROM inbox ORDER BY received LIMIT ?",
+                                 (limit,)).fetchall()
+        for key, text in rows:
+            item = Incoming.from_json(json.loads(text))
+            if self.apply(item, now, applied) or any(
+                    other.transaction(functools.partial(other.apply, item, now, applied))
+                    for other in others):
+                self.conn.execute("DELETE FROM inbox WHERE key=?", (key,))
+        expired = self.conn.execute("DELETE FROM inbox WHERE received < ?",
+                                    (now - REPORT_WINDOW,)).rowcount
+        self.conn.execute("DELETE FROM seen WHERE received < ?", (now - REPORT_WINDOW,))
+        return applied, expired
+
+    def inbox_size(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0])
+
+    def apply(self, item: Incoming, now: float, applied: Applied) -> bool:
+        """Apply one item to its recipient; False when no accepted recipient matches yet."""
+        found = self._find(item)
+        if found is None:
+            return False
+        message, index = found
+        recipients = list(message.recipients)
+        old = recipients[index]
+        new = _updated(old, item)
+        recipients[index] = new
+        self.conn.execute(_APPLY, (message_state(recipients), _encode_recipients(recipients),
+                                   int(_awaiting_report(recipients)), now, message.id))
+        if old.state != "bounced" and new.state == "bounced":
+            report = item.report
+            status = report.status if report else LATE_BOUNCE
+            error = report.error if report else ""
+            assert applied.bounced is not None
+            applied.bounced.append(Bounced(message.id, new.address, new.upstream_id, status,
+                                           error))
+            failure = Failed(new.address, report=report, tracking=item.tracking)
+            self._bounce(replace(message, recipients=tuple(recipients)), [failure], now)
+        return True
+
+    def _find(self, item: Incoming) -> tuple[QueuedMessage, int] | None:
+        """The message and recipient index an item is about: by (Infobip id, recipient),
+        else by callback data = queue id; only recipients that Infobip has accepted."""
+        to = item.to.lower()
+        candidates = []
+        if item.message_id is not None:
+            row = self.conn.execute("SELECT message_id FROM sent WHERE upstream_id=? AND "
+                                    "recipient=?", (item.message_id, to)).fetchone()
+            if row is not None:
+                candidates.append(row[0])
+        if item.callback_data is not None:
+            candidates.append(item.callback_data)
+        for message_id in candidates:
+            message = self.get(message_id)
+            if message is None:
+                continue
+            for index, recipient in enumerate(message.recipients):
+                if recipient.address.lower() == to and recipient.state in ("delivered",
+                                                                            "bounced"):
+                    return message, index
+        return None
 
     def retry(self, message_id: str, now: float) -> bool:
         """Make a deferred or failed message due now; its failed recipients are tried again."""
@@ -415,12 +703,21 @@ class SpoolDB:
         self.transaction(lambda: self.conn.execute(
             _INSERT, (orphan.id, saved.priority, saved.created or now, now, now,
                       saved.mail_from, recipients, json.dumps(list(saved.mail_options)),
-                      orphan.size, saved.client, saved.auth_user, saved.listener, None, 1)))
+                      orphan.size, saved.client, saved.auth_user, saved.listener, None, 1,
+                      None)))
 
-    def prune_delivered(self, older_than: float) -> int:
-        return self.conn.execute(
-            "DELETE FROM messages WHERE state='delivered' AND updated < ?", (older_than,)
-        ).rowcount
+    def prune_delivered(self, older_than: float, report_cutoff: float | None = None) -> int:
+        """Delete delivered and bounced records last changed before ``older_than``; one that
+        still awaits a final report only once it is older than ``report_cutoff`` too."""
+        cutoff = older_than if report_cutoff is None else min(older_than, report_cutoff)
+        ids = [row[0] for row in self.conn.execute(
+            "SELECT id FROM messages WHERE state IN ('delivered', 'bounced') AND updated < ?"
+            " AND (awaiting_report=0 OR updated < ?)", (older_than, cutoff))]
+        for message_id in ids:
+            self.delete(message_id)
+        if ids:
+            self.conn.execute("DELETE FROM sent WHERE message_id NOT IN (SELECT id FROM messages)")
+        return len(ids)
 
     # -- reads
 
@@ -470,7 +767,7 @@ class SpoolDB:
         ).fetchall()
 
     def list(self, states: Iterable[str] | None = None, limit: int = 1000) -> list[QueuedMessage]:
-        wanted = tuple(states or ("queued", "deferred", "failed", "delivered"))
+        wanted = tuple(states or STATES)
         marks = ",".join("?" * len(wanted))  # placeholders only; values stay bound parameters
         rows = self.conn.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE state IN ({marks})"  # noqa: S608
@@ -480,7 +777,7 @@ class SpoolDB:
         return [_row_to_message(row) for row in rows]
 
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(("queued", "deferred", "failed", "delivered"), 0)
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
         for state, count in self.conn.execute(
                 "SELECT state, COUNT(*) FROM messages GROUP BY state"):
             counts[state] = count
@@ -490,6 +787,42 @@ class SpoolDB:
         row = self.conn.execute(
             "SELECT MIN(created) FROM messages WHERE state IN ('queued', 'deferred')").fetchone()
         return row[0] if row else None
+
+
+def _merge(attempt: tuple[Recipient, ...], stored: tuple[Recipient, ...]
+           ) -> tuple[Recipient, ...]:
+    if len(attempt) != len(stored):  # never: an outcome is made from this very record
+        return attempt
+    return tuple(new.merged_with(old) for new, old in zip(attempt, stored, strict=True))
+
+
+def _updated(recipient: Recipient, item: Incoming) -> Recipient:
+    """A recipient after a report or tracking event."""
+    if item.tracking is not None:
+        bounced = item.tracking.type == LATE_BOUNCE
+        return replace(recipient, tracking=item.tracking,
+                       state="bounced" if bounced else recipient.state)
+    report = item.report
+    if report is None or (recipient.report is not None and recipient.report.final
+                          and not report.final):
+        return recipient  # a late PENDING never overwrites the final word
+    return replace(recipient, report=report,
+                   state="bounced" if report.bounced else recipient.state)
+
+
+def _send_failure(recipient: Recipient) -> Failed:
+    """A recipient refused at send time (5xx) or out of time (max_age)."""
+    reply = recipient.reply or "failed"
+    return Failed(recipient.address, reply=reply,
+                  expired=reply.startswith(EXPIRED_PREFIX))
+
+
+def _kept_headers(data: bytes) -> bytes:
+    """The header block of ``data``, cut at a line end to _MAX_KEPT_HEADERS."""
+    head = data[:header_end(data)]
+    if len(head) <= _MAX_KEPT_HEADERS:
+        return head
+    return head[:head.rfind(b"\r\n", 0, _MAX_KEPT_HEADERS) + 2]
 
 
 def in_body_file(envelope: Envelope, size: int) -> bool:
@@ -741,8 +1074,27 @@ class Spool:
         result: float | None = await self._submit(lambda db: db.oldest_pending())
         return result
 
-    async def prune_delivered(self, older_than: float) -> int:
-        result: int = await self._submit(lambda db: db.prune_delivered(older_than), write=True)
+    async def prune_delivered(self, older_than: float, report_cutoff: float | None = None
+                              ) -> int:
+        result: int = await self._submit(
+            lambda db: db.prune_delivered(older_than, report_cutoff), write=True)
+        return result
+
+    async def receive(self, items: list[Incoming]) -> Applied:
+        """Commit a batch of reports and tracking events; returns once it is durable."""
+        now = time.time()
+        result: Applied = await self._submit(lambda db: db.receive(items, now), write=True)
+        return result
+
+    async def match_inbox(self) -> tuple[Applied, int]:
+        """Apply the waiting reports that match now (this spool only); see SpoolDB."""
+        now = time.time()
+        result: tuple[Applied, int] = await self._submit(lambda db: db.match_inbox(now),
+                                                         write=True)
+        return result
+
+    async def inbox_size(self) -> int:
+        result: int = await self._submit(lambda db: db.inbox_size())
         return result
 
     async def release_auth_deferred(self, now: float) -> int:

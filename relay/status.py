@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.pidfile import read_pid as read_pid_file
 from relay.spool import DB_NAME, SpoolDB, find_spools
 
-STATES = ("queued", "deferred", "failed", "delivered")
+STATES = ("queued", "deferred", "failed", "delivered", "bounced")
 HTTP_TIMEOUT = 3.0
 # Exit statuses, as LSB init scripts' `status` has them: 0 running, 3 not running.
 EXIT_RUNNING, EXIT_NOT_READY, EXIT_NOT_RUNNING = 0, 1, 3

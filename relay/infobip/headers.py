@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from relay.headers import is_field_name
+from relay.headers import HeaderBlock, is_field_name
 from relay.infobip.priority import PRIORITIES
 from relay.settings import did_you_mean
 
@@ -156,3 +156,31 @@ _VALUE_CHECKS: dict[str, Callable[[str], str]] = {
     LIST_UNSUBSCRIBE: _check_list_unsubscribe,
     LIST_UNSUBSCRIBE_POST: _check_one_click,
 }
+
+
+CALLBACK_DATA = "X-IB-Callback-Data"
+NOTIFY_URL = "X-IB-Notify-Url"
+
+
+def report_defaults(head: bytes, queue_id: str, callback_template: str | None,
+                    notify_url: str | None) -> bytes:
+    """``head`` with X-IB-Callback-Data and X-IB-Notify-Url added where it has none.
+
+    The callback data lets a report find its message even without the Infobip id; the notify
+    URL makes Infobip POST the reports to the relay's webhook. ``head`` itself when nothing
+    is added.
+    """
+    wanted = []
+    if callback_template is not None:
+        wanted.append((CALLBACK_DATA, callback_template.format(queue_id=queue_id)))
+    if notify_url is not None:
+        wanted.append((NOTIFY_URL, notify_url))
+    if not wanted:
+        return head
+    block, offset = HeaderBlock.parse(head)
+    added = False
+    for name, value in wanted:
+        if not block.has(name):
+            block.add(name, value)
+            added = True
+    return block.to_bytes() + head[offset:] if added else head
