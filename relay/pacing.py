@@ -120,8 +120,10 @@ class TokenBucket:
                 self._refill()
                 if self._rate is None:  # lifted while we waited
                     return
-                if self._tokens >= 1:
-                    self._tokens -= 1
+                # Up to a rounding error: a sleep of exactly the deficit must be enough, or
+                # the loop would go on with ever tinier sleeps.
+                if self._tokens >= 1 - 1e-9:
+                    self._tokens = max(0.0, self._tokens - 1)
                     return
                 await self._sleep((1 - self._tokens) / self._rate)
 
