@@ -459,6 +459,18 @@ def test_each_worker_process_paces_at_its_share_of_the_rate(config: Config, work
     assert unlimited.pacer.rate is None
 
 
+def test_reconfigure_keeps_the_pace_unless_its_settings_change(config: Config) -> None:
+    paced = replace(config, upstream=replace(config.upstream, rate=10.0))
+    delivery = Delivery(paced, Spool(config.queue.path), Metrics(), Script().factory)
+    delivery.pacer.throttled(0, "451 4.7.0 rate limit exceeded")
+    slowed = delivery.pacer
+    delivery.reconfigure(replace(paced, rules=()), Script().factory)
+    assert delivery.pacer is slowed and slowed.rate == 5.0  # other settings: still slowed
+    delivery.reconfigure(replace(paced, upstream=replace(paced.upstream, rate=20.0)),
+                         Script().factory)
+    assert delivery.pacer.rate == 20.0 and not delivery.pacer.throttling
+
+
 # -- decide_outcome: one attempt's results merged into the message's new state -----------------
 
 NOW = 1_000_000.0
