@@ -25,6 +25,7 @@ from relay.address import AddressError, check_mailbox
 from relay.errors import ConfigError
 from relay.infobip.regions import Region, find_region, region_names
 from relay.netaddr import IPNetwork, network_of
+from relay.pacing import DEFAULT_THROTTLE_PATTERNS, ThrottleClassifier
 from relay.passwords import check_hash_format
 from relay.rules import CLIENT_HEADER_POLICIES, Rule, compile_rules, rule_path
 from relay.settings import (
@@ -40,7 +41,14 @@ from relay.settings import (
     string_list,
 )
 from relay.tlsconfig import server_context
-from relay.units import format_duration, format_size, parse_duration, parse_size
+from relay.units import (
+    format_duration,
+    format_rate,
+    format_size,
+    parse_duration,
+    parse_rate,
+    parse_size,
+)
 
 ListenerTLS = Literal["none", "starttls", "implicit"]
 ListenerAuth = Literal["none", "optional", "required"]
@@ -144,6 +152,12 @@ class UpstreamConfig:
     # sooner leaves the outcome unknown and a retry may duplicate the message.
     data_timeout: float = 600.0
     password_file: Path | None = None  # where password came from, for permission_warnings()
+    # Messages per second to this upstream (None: unlimited), split across the worker
+    # processes; the pace drops below it while the upstream answers with throttling replies.
+    rate: float | None = None
+    # Regular expressions (case-insensitive; a plain word matches as a substring) that make a
+    # 421/450/451/454 reply a throttling one (relay.pacing).
+    throttle_patterns: tuple[str, ...] = DEFAULT_THROTTLE_PATTERNS
 
     def ssl_context(self) -> ssl.SSLContext:
         """A verifying client context: the system store plus ``ca_file``; never unverified."""
@@ -555,6 +569,8 @@ def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) 
     timeout = section.convert("timeout", parse_duration)
     idle_timeout = section.convert("idle_timeout", parse_duration)
     data_timeout = section.convert("data_timeout", parse_duration)
+    rate = section.convert("rate", parse_rate)
+    throttle_patterns = section.convert("throttle_patterns", _throttle_patterns)
     section.finish()
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError("upstream.ca_file", f"file not found: {ca_file}")
@@ -566,7 +582,14 @@ def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) 
         connections=connections, ca_file=ca_file, timeout=timeout, idle_timeout=idle_timeout,
         data_timeout=data_timeout,
         password_file=section.convert("password_file", path_in(base_dir)),
+        rate=rate, throttle_patterns=throttle_patterns,
     )
+
+
+def _throttle_patterns(value: object) -> tuple[str, ...]:
+    patterns = string_list(value)
+    ThrottleClassifier(patterns)  # refuses what does not compile, or matches every reply
+    return patterns
 
 
 def _auth_mechanism(value: Any) -> Literal["auto", "PLAIN", "LOGIN"]:
@@ -891,6 +914,8 @@ _DURATION_FIELDS = {"interval", "max_age", "retry_initial", "retry_max", "keep_d
 
 
 def _plain_field(name: str, value: Any) -> Any:
+    if name == "rate":
+        return "unlimited" if value is None else format_rate(value)
     if name in _SIZE_FIELDS and isinstance(value, int):
         return format_size(value)
     if name in _DURATION_FIELDS and isinstance(value, float):

@@ -4,6 +4,11 @@ Fresh messages come straight from the listener (no spool read); deferred ones an
 a previous run are found by polling the spool. One worker task owns one upstream connection, so
 `upstream.connections` workers send in parallel, each reusing its authenticated session.
 
+Every send is paced (relay.pacing): it waits for its upstream's token and for a place among the
+connections that may send at once, both cut back while the upstream answers with throttling
+replies. The message sent is the most urgent one ready when the token comes, so pacing keeps
+the HIGH > STANDARD > LOW order.
+
 Delivery knows the upstream only as the `Upstream` protocol (send / probe / close), made by the
 factory it is given: the relay passes `upstream.connection_factory`, the tests a scripted fake.
 """
@@ -17,11 +22,12 @@ import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from relay.config import Config
 from relay.metrics import Metrics
 from relay.outgoing import MessageData, MessageFile, message_size
+from relay.pacing import Pacer
 from relay.spool import (
     EXPIRED_PREFIX,
     REPORT_WAIT_CAP,
@@ -58,6 +64,8 @@ _LOG_LEVELS = {"delivered": logging.INFO, "pending": logging.WARNING, "failed": 
                "bounced": logging.ERROR}
 # Ready means the upstream answered within this window (a probe runs every _PROBE_INTERVAL).
 _READY_UPSTREAM_WINDOW = 300.0
+# The name of the `upstream` section's upstream (metrics label, pacing log lines).
+DEFAULT_UPSTREAM = "default"
 
 
 @dataclass(order=True)
@@ -185,8 +193,10 @@ class Delivery:
     """Workers + poller + housekeeping around one spool and one upstream."""
 
     def __init__(self, config: Config, spool: Spool, metrics: Metrics,
-                 upstream_factory: UpstreamFactory) -> None:
+                 upstream_factory: UpstreamFactory, *, name: str = DEFAULT_UPSTREAM) -> None:
         self.config = config
+        self.name = name
+        self.pacer = _pacer_for(config, name)
         self.spool = spool
         self.metrics = metrics
         self.upstream_factory = upstream_factory
@@ -218,6 +228,7 @@ class Delivery:
             self._connections.append(connection)
             self._workers.append(asyncio.create_task(self._work(index),
                                                      name=f"delivery-worker-{index}"))
+        self._show_pacing()
         self._tasks.append(asyncio.create_task(self._poll(), name="delivery-poller"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="delivery-housekeeping"))
 
@@ -241,7 +252,11 @@ class Delivery:
                       ", ".join(sorted(self._unrecorded)))
 
     def reconfigure(self, config: Config, upstream_factory: UpstreamFactory) -> None:
-        """Adopt a reloaded config: new connections use it; the health state starts afresh."""
+        """Adopt a reloaded config: new connections use it; the health state starts afresh, and
+        so does the pace if its settings changed."""
+        if _pacing_settings(config) != _pacing_settings(self.config):
+            self.pacer = _pacer_for(config, self.name)
+            self._show_pacing()
         self.config = config
         self.upstream_factory = upstream_factory
         self.health = UpstreamHealth()
@@ -288,27 +303,50 @@ class Delivery:
         """Deliver with connection slot ``index`` (reconfigure() may replace the connection)."""
         while not self._stopping:
             await self._wait_until_up()
-            try:
-                job = await asyncio.wait_for(self._ready.get(),
-                                             timeout=self.config.upstream.idle_timeout)
-            except TimeoutError:
-                # Close idle sessions politely rather than let the provider cut them.
-                await self._connections[index].close()
-                continue
-            self._busy += 1
-            recorded: asyncio.Future[bool] | None = None
-            try:
-                recorded = await self._deliver(self._connections[index], job)
-            except Exception:
-                log.exception("unexpected error delivering %s; it stays queued", job.id)
-            finally:
-                self._busy -= 1
-                if recorded is None:
-                    self._release(job)
-                else:
-                    # The next message goes out while this outcome is being committed; the id
-                    # stays claimed until then so that the poller cannot send it again.
-                    recorded.add_done_callback(functools.partial(self._release, job))
+            pacer = self.pacer  # reconfigure() may replace it: leave the gate that was entered
+            async with pacer.gate:
+                taken = await self._take(index, pacer)
+                if taken is not None:
+                    await self._work_on(index, *taken)
+
+    async def _take(self, index: int, pacer: Pacer) -> tuple[_Job, int] | None:
+        """The most urgent ready job once the pacer lets a send start, with its pacing ticket.
+
+        The job that woke us goes back first and the head of the queue is taken only with the
+        token: a LOW message waiting for a token never goes before a HIGH one queued
+        meanwhile. None: idle for idle_timeout (the session is closed), or the others took
+        every job while we waited.
+        """
+        try:
+            job = await asyncio.wait_for(self._ready.get(),
+                                         timeout=self.config.upstream.idle_timeout)
+        except TimeoutError:
+            # Close idle sessions politely rather than let the provider cut them.
+            await self._connections[index].close()
+            return None
+        self._ready.put_nowait(job)
+        ticket = await pacer.acquire()
+        try:
+            return self._ready.get_nowait(), ticket
+        except asyncio.QueueEmpty:
+            pacer.refund()
+            return None
+
+    async def _work_on(self, index: int, job: _Job, ticket: int) -> None:
+        self._busy += 1
+        recorded: asyncio.Future[bool] | None = None
+        try:
+            recorded = await self._deliver(self._connections[index], job, ticket)
+        except Exception:
+            log.exception("unexpected error delivering %s; it stays queued", job.id)
+        finally:
+            self._busy -= 1
+            if recorded is None:
+                self._release(job)
+            else:
+                # The next message goes out while this outcome is being committed; the id
+                # stays claimed until then so that the poller cannot send it again.
+                recorded.add_done_callback(functools.partial(self._release, job))
 
     async def _wait_until_up(self) -> None:
         """Pause while the upstream is down; reconfigure() replaces self.health, so re-read it."""
@@ -344,7 +382,7 @@ class Delivery:
             log.info("outcome for %s recorded after all", message_id,
                      extra={"queue_id": message_id})
 
-    async def _deliver(self, connection: Upstream, job: _Job
+    async def _deliver(self, connection: Upstream, job: _Job, ticket: int
                        ) -> asyncio.Future[bool] | None:
         """Send one message; returns the pending commit of its outcome, if there is one."""
         message = job.message or await self.spool.get(job.id)
@@ -354,13 +392,13 @@ class Delivery:
         if data is None:
             return None
         try:
-            return await self._send(connection, message, data)
+            return await self._send(connection, message, data, ticket)
         finally:
             if isinstance(data, MessageFile):
                 data.close()
 
-    async def _send(self, connection: Upstream, message: QueuedMessage, data: MessageData
-                    ) -> asyncio.Future[bool] | None:
+    async def _send(self, connection: Upstream, message: QueuedMessage, data: MessageData,
+                    ticket: int) -> asyncio.Future[bool] | None:
         started = time.monotonic()
         try:
             result = await connection.send(message.mail_from, message.pending, data,
@@ -374,8 +412,41 @@ class Delivery:
         if not result.local:
             self.health.record_success(connection.smtputf8, connection.max_size)
             self.metrics.observe_send(time.monotonic() - started, result, message_size(data))
+            throttling = self._throttling_reply(result)
+            if throttling is not None:
+                return self._on_throttled(message, result, ticket, throttling)
+            if self.pacer.succeeded():
+                self._show_pacing()
         outcome = decide_outcome(message, result, time.time(), self.config)
         return self._record(message, outcome)
+
+    def _throttling_reply(self, result: SendResult) -> str | None:
+        """The reply (whole message or one recipient's) that asks us to slow down, if any."""
+        replies = (result.reply, *result.temporary.values())
+        return next((reply for reply in replies if self.pacer.classifier.reply(reply)), None)
+
+    def _on_throttled(self, message: QueuedMessage, result: SendResult, ticket: int,
+                      reply: str) -> asyncio.Future[bool]:
+        """The upstream asks us to slow down: pace lower, and send this message again soon.
+
+        Like an authentication failure it is not the message's fault: it costs no attempt and
+        does not move the message along its backoff schedule (max_age still applies).
+        """
+        self.metrics.throttled_replies.labels(upstream=self.name).inc()
+        if self.pacer.throttled(ticket, reply):
+            self._show_pacing()
+        now = time.time()
+        outcome = decide_outcome(message, result, now, self.config)
+        if outcome.state == "deferred":
+            outcome = replace(outcome, attempts=message.attempts,
+                              next_attempt=now + self.pacer.retry_delay)
+        return self._record(message, outcome)
+
+    def _show_pacing(self) -> None:
+        pacer, name = self.pacer, self.name
+        self.metrics.pacing_rate.labels(upstream=name).set(pacer.rate or 0)
+        self.metrics.pacing_connections.labels(upstream=name).set(pacer.concurrency)
+        self.metrics.throttling.labels(upstream=name).set(1 if pacer.throttling else 0)
 
     def _on_auth_failure(self, message: QueuedMessage, error: str) -> asyncio.Future[bool]:
         pause = self.config.queue.auth_retry
@@ -507,6 +578,18 @@ class Delivery:
             self._resume.set()
         finally:
             await connection.close()
+
+
+def _pacing_settings(config: Config) -> tuple[object, ...]:
+    upstream = config.upstream
+    return upstream.rate, upstream.connections, upstream.throttle_patterns, config.workers
+
+
+def _pacer_for(config: Config, name: str) -> Pacer:
+    """The pace of one upstream; with several worker processes each takes its share."""
+    upstream = config.upstream
+    rate = None if upstream.rate is None else upstream.rate / config.workers
+    return Pacer(rate, upstream.connections, upstream.throttle_patterns, name=name)
 
 
 def _log_recipient(queue_id: str, recipient: Recipient, outcome: Outcome) -> None:

@@ -52,6 +52,20 @@ class Metrics:
             "relay_upstream_unknown_outcomes",
             "Messages deferred because no reply to the final dot came back (the upstream may "
             "have them: retried after queue.retry_max)", registry=r)
+        # Pacing (relay.pacing), per upstream: what AIMD currently allows this process.
+        self.pacing_rate = Gauge("relay_upstream_pacing_rate",
+                                 "Effective send rate limit in messages/s (0: unlimited)",
+                                 ["upstream"], registry=r)
+        self.pacing_connections = Gauge("relay_upstream_pacing_connections",
+                                        "Effective number of connections that may send at once",
+                                        ["upstream"], registry=r)
+        self.throttling = Gauge("relay_upstream_throttling",
+                                "1 while throttling replies hold the pace below the configured "
+                                "one", ["upstream"], registry=r)
+        self.throttled_replies = Counter("relay_upstream_throttled_replies",
+                                         "Throttling replies from the upstream (421/450/451/454 "
+                                         "matching upstream.throttle_patterns)", ["upstream"],
+                                         registry=r)
         self.upstream_connections_open = Gauge("relay_upstream_connections_open",
                                                "Authenticated upstream connections open",
                                                registry=r)

@@ -1,4 +1,4 @@
-"""Parsing of human-friendly sizes ("30MiB") and durations ("5d", "30s")."""
+"""Parsing of human-friendly sizes ("30MiB"), durations ("5d", "30s") and rates ("50/s")."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ _SIZE_UNITS = {
     "gib": 1024**3,
 }
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "": 1}
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-zA-Z]+)\s*$")
 _NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -52,6 +54,30 @@ def parse_duration(value: object) -> float:
         if match and match.group(2).lower() in _DURATION_UNITS:
             return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
     raise ValueError(f"expected a duration such as 30s, 5m, 2h or 5d, got {value!r}")
+
+
+def parse_rate(value: object) -> float | None:
+    """Messages per second from ``50/s``, ``3000/m`` or ``100000/h``; ``unlimited`` is None."""
+    if isinstance(value, str):
+        if value.strip().lower() == "unlimited":
+            return None
+        match = _RATE.match(value)
+        if match and match.group(2).lower() in _RATE_UNITS:
+            count = float(match.group(1))
+            if count <= 0:
+                raise ValueError(f"a rate must be more than 0, got {value!r} (leave it out "
+                                 "for no limit)")
+            return count / _RATE_UNITS[match.group(2).lower()]
+    raise ValueError(f"expected a rate such as 50/s, 3000/m or 100000/h, got {value!r}")
+
+
+def format_rate(per_second: float) -> str:
+    """Render messages per second the way a user would write the rate (``50/s``, ``100/h``)."""
+    for unit in ("s", "m", "h"):
+        count = per_second * _RATE_UNITS[unit]
+        if count >= 1 and abs(count - round(count)) < 1e-9:
+            return f"{round(count)}/{unit}"
+    return f"{per_second * 3600:g}/h"
 
 
 def format_size(size: int) -> str:

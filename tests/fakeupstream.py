@@ -102,6 +102,8 @@ class Received:
     tls: bool
     session_id: int
     mail_options: list[str] = field(default_factory=list)
+    # time.monotonic() when the final dot was answered (pacing and ordering tests).
+    received_at: float = 0.0
 
     def parsed(self) -> email.message.EmailMessage:
         """The data parsed with the modern email policy."""
@@ -749,6 +751,7 @@ class FakeUpstream:
                 tls=server.tls_active(),
                 session_id=server.session_id,
                 mail_options=list(envelope.mail_options),
+                received_at=time.monotonic(),
             )
             if dropped:
                 self._dropped.append(received)

@@ -404,6 +404,73 @@ def test_reconfigure_closes_the_replaced_connections_and_keeps_their_tasks(
     assert all(upstream.closed for upstream in new.made)  # stop() closed the new ones
 
 
+def test_scripted_throttling_reply_costs_no_attempt_and_comes_back_soon(config: Config) -> None:
+    config = replace(config, queue=replace(config.queue, retry_initial=600.0, retry_max=600.0))
+    throttled = SendResult(temporary={"a@example.net": "451 4.7.0 rate limit exceeded"},
+                           reply="451 4.7.0 rate limit exceeded")
+    script = Script(sends=[throttled])
+
+    async def scenario() -> tuple[QueuedMessage, QueuedMessage, Delivery]:
+        async with delivering(config, script) as (delivery, spool):
+            await spool_one(delivery, "SLOW")
+            deferred = await settled(spool, "SLOW", ("deferred",), attempts=0)
+            # Not after retry_initial (600 s): after the pacer's delay (one token's time).
+            return deferred, await settled(spool, "SLOW"), delivery
+
+    deferred, final, delivery = asyncio.run(scenario())
+    assert deferred.attempts == 0
+    assert deferred.last_reply == "451 4.7.0 rate limit exceeded"
+    # Unlimited, one send seen (1/s) halved: 0.5/s, so one token's time is 2 s.
+    assert deferred.next_attempt - deferred.updated == pytest.approx(2.0, abs=0.2)
+    assert (final.state, final.attempts) == ("delivered", 1)
+    registry = delivery.metrics.registry
+    assert registry.get_sample_value("relay_upstream_throttled_replies_total",
+                                     {"upstream": "default"}) == 1
+    # One connection, unlimited: halving leaves one connection and half the observed rate.
+    assert registry.get_sample_value("relay_upstream_pacing_connections",
+                                     {"upstream": "default"}) == 1
+    assert registry.get_sample_value("relay_upstream_throttling", {"upstream": "default"}) == 1
+
+
+def test_scripted_other_temporary_reply_still_costs_an_attempt(config: Config) -> None:
+    config = replace(config, queue=replace(config.queue, retry_initial=600.0, retry_max=600.0))
+    script = Script(sends=[SendResult(temporary={"a@example.net": "451 4.3.0 local error"},
+                                      reply="451 4.3.0 local error")])
+
+    async def scenario() -> QueuedMessage:
+        async with delivering(config, script) as (delivery, spool):
+            await spool_one(delivery, "ERR")
+            return await settled(spool, "ERR", ("deferred",))
+
+    deferred = asyncio.run(scenario())
+    assert deferred.attempts == 1
+    assert deferred.next_attempt - deferred.updated >= 600 * 0.8
+
+
+@pytest.mark.parametrize(("workers", "rate"), [(1, 60.0), (4, 15.0)])
+def test_each_worker_process_paces_at_its_share_of_the_rate(config: Config, workers: int,
+                                                           rate: float) -> None:
+    config = replace(config, workers=workers,
+                     upstream=replace(config.upstream, rate=60.0, connections=3))
+    delivery = Delivery(config, Spool(config.queue.path), Metrics(), Script().factory)
+    assert (delivery.pacer.rate, delivery.pacer.concurrency) == (rate, 3)
+    unlimited = Delivery(replace(config, upstream=replace(config.upstream, rate=None)),
+                         Spool(config.queue.path), Metrics(), Script().factory)
+    assert unlimited.pacer.rate is None
+
+
+def test_reconfigure_keeps_the_pace_unless_its_settings_change(config: Config) -> None:
+    paced = replace(config, upstream=replace(config.upstream, rate=10.0))
+    delivery = Delivery(paced, Spool(config.queue.path), Metrics(), Script().factory)
+    delivery.pacer.throttled(0, "451 4.7.0 rate limit exceeded")
+    slowed = delivery.pacer
+    delivery.reconfigure(replace(paced, rules=()), Script().factory)
+    assert delivery.pacer is slowed and slowed.rate == 5.0  # other settings: still slowed
+    delivery.reconfigure(replace(paced, upstream=replace(paced.upstream, rate=20.0)),
+                         Script().factory)
+    assert delivery.pacer.rate == 20.0 and not delivery.pacer.throttling
+
+
 # -- decide_outcome: one attempt's results merged into the message's new state -----------------
 
 NOW = 1_000_000.0

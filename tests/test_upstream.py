@@ -209,12 +209,14 @@ def test_a_421_mid_session_closes_it_and_the_retry_reconnects(
         fake_upstream: FakeUpstream, start_relay: StartRelay, stage: str) -> None:
     relay = start_relay(fake_upstream, upstream={"connections": 1},
                         queue={"retry_initial": "0.5s", "retry_max": "1s"})
-    fake_upstream.fail_next(stage, 421, "4.4.5 Too many connections")  # replies, then closes
+    # Replies, then closes. Not a throttling text ("too many connections" would be one: paced,
+    # and no attempt counted; see test_pacing_relay.py).
+    fake_upstream.fail_next(stage, 421, "4.3.2 System not accepting network messages")
     queue_id = send(relay)
     deferred = first_attempt(relay, queue_id)
     assert deferred.state == "deferred", deferred.last_reply
-    assert deferred.last_reply == "421 4.4.5 Too many connections"
-    assert deferred.recipients[0].reply == "421 4.4.5 Too many connections"
+    assert deferred.last_reply == "421 4.3.2 System not accepting network messages"
+    assert deferred.recipients[0].reply == "421 4.3.2 System not accepting network messages"
     record = final(relay, queue_id)
     assert (record.state, record.attempts) == ("delivered", 2)
     [received] = fake_upstream.wait_for(1)
