@@ -22,6 +22,7 @@ from typing import Any, Literal, cast, get_args
 import yaml
 
 from relay.address import AddressError, check_mailbox
+from relay.envelope import DEFAULT_UPSTREAM
 from relay.errors import ConfigError
 from relay.infobip.regions import Region, find_region, region_names
 from relay.netaddr import IPNetwork, network_of
@@ -31,6 +32,7 @@ from relay.settings import (
     Section,
     boolean,
     choice,
+    describe,
     did_you_mean,
     item_path,
     join,
@@ -144,6 +146,9 @@ class UpstreamConfig:
     # sooner leaves the outcome unknown and a retry may duplicate the message.
     data_timeout: float = 600.0
     password_file: Path | None = None  # where password came from, for permission_warnings()
+    # ``default`` for the top-level ``upstream``, the key under ``upstreams`` for the others:
+    # what rules `route` to, the metrics label and the name in logs and /readyz.
+    name: str = DEFAULT_UPSTREAM
 
     def ssl_context(self) -> ssl.SSLContext:
         """A verifying client context: the system store plus ``ca_file``; never unverified."""
@@ -188,6 +193,8 @@ class Config:
     queue: QueueConfig
     rules: tuple[Rule, ...] = ()
     users: tuple[UserConfig, ...] = ()
+    # The named upstreams besides ``upstream`` (which is ``default``), in the file's order.
+    upstreams: tuple[UpstreamConfig, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     hostname: str = "localhost"
@@ -199,6 +206,17 @@ class Config:
         for user in self.users:
             if user.name == name:
                 return user
+        return None
+
+    @property
+    def all_upstreams(self) -> tuple[UpstreamConfig, ...]:
+        """``upstream`` (named ``default``) first, then the named ``upstreams``."""
+        return (self.upstream, *self.upstreams)
+
+    def upstream_named(self, name: str) -> UpstreamConfig | None:
+        for upstream in self.all_upstreams:
+            if upstream.name == name:
+                return upstream
         return None
 
 
@@ -285,10 +303,12 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
     listeners = _build_listeners(top.get("listeners"), env, base_dir)
     users = _build_users(top.get("users"))
     upstream = _build_upstream(top.get("upstream"), env, base_dir)
+    upstreams = _build_named_upstreams(top.get("upstreams"), base_dir)
     queue = _build_queue(top.get("queue"), env, base_dir, access.max_message_size)
     metrics = _build_metrics(top.get("metrics"), env)
     logging_config = _build_logging(top.get("logging"))
     rules = compile_rules(top.get("rules"), "rules")
+    _check_routes(rules, (upstream, *upstreams))
     hostname = top.convert("hostname", _hostname, socket.gethostname() or top.default("hostname"))
     grace = top.convert("grace_period", parse_duration)
     workers = top.convert("workers", _workers, var="RELAY_WORKERS")
@@ -296,7 +316,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
     config = Config(
         listeners=listeners, access=access, upstream=upstream, queue=queue, rules=rules,
         users=users, metrics=metrics, logging=logging_config, hostname=hostname,
-        grace_period=grace, workers=workers, source=source,
+        grace_period=grace, workers=workers, source=source, upstreams=upstreams,
     )
     _check_relay_policy(config)
     return config
@@ -480,8 +500,9 @@ def _build_users(raw: object) -> tuple[UserConfig, ...]:
     return tuple(users)
 
 
-def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) -> UpstreamConfig:
-    section = Section(raw, "upstream", model=UpstreamConfig, env=env)
+def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None, *,
+                    path: str = "upstream", name: str = DEFAULT_UPSTREAM) -> UpstreamConfig:
+    section = Section(raw, path, model=UpstreamConfig, env=env)
     region = section.convert("region", _region, _region(section.default("region")),
                              var="INFOBIP_REGION")
     host = str(section.get("host") or env.get("INFOBIP_SMTP_HOST") or region.host)
@@ -505,16 +526,55 @@ def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) 
     data_timeout = section.convert("data_timeout", parse_duration)
     section.finish()
     if ca_file is not None and not ca_file.is_file():
-        raise ConfigError("upstream.ca_file", f"file not found: {ca_file}")
+        raise ConfigError(section.at("ca_file"), f"file not found: {ca_file}")
     if connections > 256:
-        raise ConfigError("upstream.connections", "at most 256 connections")
+        raise ConfigError(section.at("connections"), "at most 256 connections")
     return UpstreamConfig(
         host=host, port=port, tls=tls, username=username, password=password,
         region=region.name, auth_mechanism=mechanism,
         connections=connections, ca_file=ca_file, timeout=timeout, idle_timeout=idle_timeout,
         data_timeout=data_timeout,
         password_file=section.convert("password_file", path_in(base_dir)),
+        name=name,
     )
+
+
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _build_named_upstreams(raw: object, base_dir: Path | None) -> tuple[UpstreamConfig, ...]:
+    """``upstreams: {name: {same keys as upstream}}``.
+
+    The environment's INFOBIP_* defaults belong to ``upstream`` alone: another account's key
+    or region must be written down, never inherited from the default one.
+    """
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError("upstreams", f"must be a mapping of name: upstream settings, got "
+                                       f"{describe(raw)}")
+    named = []
+    for name, settings in raw.items():
+        path = join("upstreams", str(name))
+        if not isinstance(name, str) or not _UPSTREAM_NAME.fullmatch(name):
+            raise ConfigError(path, "an upstream name is 1-64 letters, digits, '.', '_' or '-'"
+                                    " (it is a metrics label)")
+        if name == DEFAULT_UPSTREAM:
+            raise ConfigError(path, f"{DEFAULT_UPSTREAM!r} is the name of the top-level "
+                                    "upstream: configure it there")
+        named.append(_build_upstream(settings, {}, base_dir, path=path, name=name))
+    return tuple(named)
+
+
+def _check_routes(rules: tuple[Rule, ...], upstreams: tuple[UpstreamConfig, ...]) -> None:
+    """Every ``route`` names a configured upstream."""
+    names = [upstream.name for upstream in upstreams]
+    for rule in rules:
+        if rule.route is not None and rule.route not in names:
+            hint = did_you_mean(rule.route, names)
+            raise ConfigError(f"{rule_path('rules', rule.index, rule.name)}.route",
+                              f"unknown upstream {rule.route!r}{hint} (configured: "
+                              f"{', '.join(names)})")
 
 
 def _auth_mechanism(value: Any) -> Literal["auto", "PLAIN", "LOGIN"]:
@@ -566,9 +626,10 @@ def _upstream_password(section: Section, env: Mapping[str, str],
     if password is None:
         password = env.get("INFOBIP_API_KEY")
     if not password:
+        where = "INFOBIP_API_KEY, " if section.path == "upstream" else ""
         raise ConfigError(section.at("password"),
-                          "no API key: set INFOBIP_API_KEY, upstream.password or "
-                          "upstream.password_file")
+                          f"no API key: set {where}{section.at('password')} or "
+                          f"{section.at('password_file')}")
     return Secret(str(password))
 
 
@@ -734,14 +795,17 @@ def _plain_field(name: str, value: Any) -> Any:
 
 def iter_secret_values(config: Config) -> Iterator[str]:
     """Every secret in the config, so that tests and log filters can check none leaks."""
-    yield config.upstream.password.reveal()
+    for upstream in config.all_upstreams:
+        yield upstream.password.reveal()
     for user in config.users:
         yield user.password_hash.reveal()
 
 
 def permission_warnings(config: Config) -> list[str]:
     """Secret files that other users can read or change: one line each, never the secret."""
-    files = [("upstream.password_file", config.upstream.password_file)]
+    files = [("upstream.password_file" if upstream.name == DEFAULT_UPSTREAM else
+               f"upstreams.{upstream.name}.password_file", upstream.password_file)
+             for upstream in config.all_upstreams]
     files += [(f"{item_path('listeners', index)}.private_key", listener.private_key)
               for index, listener in enumerate(config.listeners)]
     warnings = []

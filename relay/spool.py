@@ -38,7 +38,7 @@ from relay.bodyfiles import (
     write_joined,
     write_synced,
 )
-from relay.envelope import Envelope
+from relay.envelope import DEFAULT_UPSTREAM, Envelope
 from relay.errors import SpoolError
 from relay.infobip.priority import PRIORITY_NAMES
 from relay.outgoing import MessageData, MessageFile
@@ -76,7 +76,9 @@ CREATE TABLE IF NOT EXISTS messages (
     upstream_id  TEXT,
     data         BLOB,
     body_file    INTEGER NOT NULL DEFAULT 0,
-    auth_deferred INTEGER NOT NULL DEFAULT 0
+    auth_deferred INTEGER NOT NULL DEFAULT 0,
+    route        TEXT NOT NULL DEFAULT 'default',
+    original_mail_from TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
 """
@@ -87,8 +89,8 @@ _REQUIRED_COLUMNS = frozenset({
     "upstream_id", "data"})
 _INSERT = ("INSERT INTO messages (id, state, priority, created, updated, next_attempt,"
            " attempts, mail_from, recipients, mail_options, size, client, auth_user,"
-           " listener, data, body_file)"
-           " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           " listener, data, body_file, route, original_mail_from)"
+           " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,8 @@ class QueuedMessage:
     listener: str | None
     last_reply: str | None
     upstream_id: str | None
+    route: str = DEFAULT_UPSTREAM  # the named upstream that delivers it
+    original_mail_from: str | None = None  # the client's sender, when a rule rewrote it
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -144,7 +148,8 @@ class Outcome:
 
 
 _COLUMNS = ("id, state, priority, created, updated, next_attempt, attempts, mail_from, recipients, "
-            "mail_options, size, client, auth_user, listener, last_reply, upstream_id")
+            "mail_options, size, client, auth_user, listener, last_reply, upstream_id, route, "
+            "original_mail_from")
 
 
 _RECORD = ("UPDATE messages SET state=?, recipients=?, next_attempt=?, attempts=?, last_reply=?,"
@@ -160,7 +165,8 @@ def _row_to_message(row: tuple[Any, ...]) -> QueuedMessage:
         id=row[0], state=row[1], priority=row[2], created=row[3], updated=row[4],
         next_attempt=row[5], attempts=row[6], mail_from=row[7], recipients=recipients,
         mail_options=tuple(json.loads(row[9])), size=row[10], client=row[11], auth_user=row[12],
-        listener=row[13], last_reply=row[14], upstream_id=row[15],
+        listener=row[13], last_reply=row[14], upstream_id=row[15], route=row[16],
+        original_mail_from=row[17],
     )
 
 
@@ -254,6 +260,11 @@ class SpoolDB:
             self.conn.execute(
                 "UPDATE messages SET auth_deferred=1 WHERE state='deferred'"
                 " AND last_reply LIKE 'upstream authentication failed:%'")
+        if "route" not in columns:  # spools written before named upstreams: all go to default
+            self.conn.execute(
+                "ALTER TABLE messages ADD COLUMN route TEXT NOT NULL DEFAULT 'default'")
+        if "original_mail_from" not in columns:  # ... and before sender rewriting
+            self.conn.execute("ALTER TABLE messages ADD COLUMN original_mail_from TEXT")
 
     def close(self) -> None:
         self.conn.close()
@@ -301,7 +312,8 @@ class SpoolDB:
                 _INSERT,
                 (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
                  json.dumps(list(envelope.mail_options)), size, ctx.client_ip,
-                 ctx.auth_user, ctx.listener, None if in_file else envelope.data, int(in_file)),
+                 ctx.auth_user, ctx.listener, None if in_file else envelope.data, int(in_file),
+                 envelope.route, envelope.original_mail_from),
             )
         except sqlite3.Error:
             if in_file:
@@ -314,7 +326,8 @@ class SpoolDB:
         """Write and fsync a message's body file and sidecar (no database: any thread)."""
         ctx = envelope.context
         saved = SavedEnvelope(ctx.mail_from, ctx.rcpt_tos, envelope.mail_options, priority,
-                              now, ctx.client_ip, ctx.auth_user, ctx.listener)
+                              now, ctx.client_ip, ctx.auth_user, ctx.listener, envelope.route,
+                              envelope.original_mail_from)
         self._write_body(ctx.queue_id, envelope, saved)
 
     def _body_path(self, message_id: str) -> Path:
@@ -374,11 +387,13 @@ class SpoolDB:
         )
         return True
 
-    def release_auth_deferred(self, now: float) -> int:
-        """Make due now the messages deferred only by an upstream authentication failure."""
+    def release_auth_deferred(self, now: float, route: str | None = None) -> int:
+        """Make due now the messages deferred only by an upstream authentication failure
+        (only those of upstream ``route``, if given)."""
         return self.conn.execute(
             "UPDATE messages SET next_attempt=?, auth_deferred=0, updated=?"
-            " WHERE auth_deferred=1 AND state IN ('queued', 'deferred')", (now, now),
+            " WHERE auth_deferred=1 AND state IN ('queued', 'deferred')"
+            " AND (? IS NULL OR route = ?)", (now, now, route, route),
         ).rowcount
 
     def delete(self, message_id: str) -> bool:
@@ -412,7 +427,8 @@ class SpoolDB:
         self.transaction(lambda: self.conn.execute(
             _INSERT, (orphan.id, saved.priority, saved.created or now, now, now,
                       saved.mail_from, recipients, json.dumps(list(saved.mail_options)),
-                      orphan.size, saved.client, saved.auth_user, saved.listener, None, 1)))
+                      orphan.size, saved.client, saved.auth_user, saved.listener, None, 1,
+                      saved.route, saved.original_mail_from)))
 
     def prune_delivered(self, older_than: float) -> int:
         return self.conn.execute(
@@ -459,12 +475,21 @@ class SpoolDB:
             return None
         return MessageFile(file, os.fstat(file.fileno()).st_size)
 
-    def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
-        """(id, priority, created) of queued/deferred messages due by ``now``, most urgent first."""
+    def due(self, now: float, limit: int, route: str | None = None
+            ) -> list[tuple[str, int, float]]:
+        """(id, priority, created) of queued/deferred messages due by ``now``, most urgent first;
+        with ``route``, only those for that upstream."""
         return self.conn.execute(
             "SELECT id, priority, created FROM messages WHERE state IN ('queued', 'deferred')"
-            " AND next_attempt <= ? ORDER BY priority, created LIMIT ?", (now, limit),
+            " AND next_attempt <= ? AND (? IS NULL OR route = ?)"
+            " ORDER BY priority, created LIMIT ?", (now, route, route, limit),
         ).fetchall()
+
+    def waiting_by_route(self) -> dict[str, int]:
+        """Queued and deferred messages per upstream name (what a reload must not strand)."""
+        return dict(self.conn.execute(
+            "SELECT route, COUNT(*) FROM messages WHERE state IN ('queued', 'deferred')"
+            " GROUP BY route").fetchall())
 
     def list(self, states: Iterable[str] | None = None, limit: int = 1000) -> list[QueuedMessage]:
         wanted = tuple(states or ("queued", "deferred", "failed", "delivered"))
@@ -541,13 +566,16 @@ def absorb_spool(target: SpoolDB, source_dir: Path) -> int:
     """
     source = SpoolDB(source_dir, create=False)
     try:
-        rows = source.conn.execute("SELECT * FROM messages").fetchall()
+        # By name: columns added by migrations may stand in another order in either file.
+        columns = ", ".join(row[1] for row in source.conn.execute("PRAGMA table_info(messages)"))
+        rows = source.conn.execute(f"SELECT {columns} FROM messages").fetchall()  # noqa: S608
         if rows:
             # Rows first, then files, then the source rows: after a crash at any point the next
             # start repeats the steps, and a moved file always has a row that keeps it.
             marks = ",".join("?" * len(rows[0]))
             target.transaction(lambda: target.conn.executemany(
-                f"INSERT OR IGNORE INTO messages VALUES ({marks})", rows))  # noqa: S608
+                f"INSERT OR IGNORE INTO messages ({columns}) VALUES ({marks})",  # noqa: S608
+                rows))
             _move_body_files(source, target)
             source.transaction(lambda: source.conn.execute("DELETE FROM messages"))
         remove_partial_bodies(source.bodies)  # that worker is gone: nobody finishes them
@@ -720,8 +748,14 @@ class Spool:
         result: MessageData | None = await self._submit(lambda db: db.source(message_id))
         return result
 
-    async def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
-        result: list[tuple[str, int, float]] = await self._submit(lambda db: db.due(now, limit))
+    async def due(self, now: float, limit: int, route: str | None = None
+                  ) -> list[tuple[str, int, float]]:
+        result: list[tuple[str, int, float]] = await self._submit(
+            lambda db: db.due(now, limit, route))
+        return result
+
+    async def waiting_by_route(self) -> dict[str, int]:
+        result: dict[str, int] = await self._submit(lambda db: db.waiting_by_route())
         return result
 
     async def counts(self) -> dict[str, int]:
@@ -736,8 +770,9 @@ class Spool:
         result: int = await self._submit(lambda db: db.prune_delivered(older_than), write=True)
         return result
 
-    async def release_auth_deferred(self, now: float) -> int:
-        result: int = await self._submit(lambda db: db.release_auth_deferred(now), write=True)
+    async def release_auth_deferred(self, now: float, route: str | None = None) -> int:
+        result: int = await self._submit(lambda db: db.release_auth_deferred(now, route),
+                                         write=True)
         return result
 
     async def check_writable(self) -> bool:

@@ -48,7 +48,7 @@ from relay.settings import (
 )
 from relay.units import parse_size
 
-_RULE_KEYS = ("name", "when", "set", "default", "remove", "stop")
+_RULE_KEYS = ("name", "when", "set", "default", "remove", "stop", "route")
 _WHEN_KEYS = (
     "mail_from",
     "header_from",
@@ -115,7 +115,8 @@ def _compile_rule(item: object, index: int, path: str) -> Rule:
     where = rule_path(path, index, raw_name)
     if not isinstance(item, dict):
         raise ConfigError(
-            where, f"must be a mapping with when/set/default/remove/stop, got {describe(item)}"
+            where,
+            f"must be a mapping with when/set/default/remove/stop/route, got {describe(item)}",
         )
     section = Section(item, where, model=Rule, keys=_RULE_KEYS)
     rule = Rule(
@@ -126,9 +127,12 @@ def _compile_rule(item: object, index: int, path: str) -> Rule:
         default=_compile_header_values(section.get("default"), section.at("default")),
         remove=_compile_remove(section.get("remove"), section.at("remove")),
         stop=section.convert("stop", boolean),
+        route=section.convert("route", _route_name),
     )
-    if not (rule.set or rule.default or rule.remove or rule.stop):
-        raise ConfigError(where, "needs at least one action: set, default, remove or stop: true")
+    if not (rule.set or rule.default or rule.remove or rule.stop or rule.route):
+        raise ConfigError(
+            where, "needs at least one action: set, default, remove, route or stop: true"
+        )
     _check_set_default_overlap(rule, where)
     _check_one_click_rule(rule, where)
     return rule
@@ -139,6 +143,13 @@ def _rule_name(raw: object, index: int, where: str) -> str:
         return default_rule_name(index)
     if not isinstance(raw, str) or not raw.strip():
         raise ConfigError(where, "must be a non-empty string")
+    return raw.strip()
+
+
+def _route_name(raw: object) -> str:
+    # Whether the name is configured is checked by relay.config, which knows the upstreams.
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"must be the name of an upstream, got {describe(raw)}")
     return raw.strip()
 
 

@@ -9,7 +9,8 @@ Evaluation order for one message (``apply_rules``):
 4. within one rule: ``remove`` first, then ``set``, then ``default``, and
    ``List-Unsubscribe-Post`` last, and only when the message then carries an https
    ``List-Unsubscribe`` (RFC 8058);
-5. the header block is serialised once; the body is never copied into anything but the
+5. ``route``: the last matching rule that has one chooses the upstream (none: ``default``);
+6. the header block is serialised once; the body is never copied into anything but the
    result, and when nothing changed the original ``data`` object is returned.
 
 Applying the same rules to their own output changes nothing (``set`` replaces in place,
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from relay.envelope import MessageContext
+from relay.envelope import DEFAULT_UPSTREAM, MessageContext
 from relay.headers import HeaderBlock
 from relay.infobip.headers import (
     LIST_UNSUBSCRIBE,
@@ -43,6 +44,7 @@ class _Edits:
     fixed: int = 0
     dropped: int = 0
     warnings: list[str] = field(default_factory=list)
+    route: str = DEFAULT_UPSTREAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +88,7 @@ def evaluate(
     """``apply_rules``, also returning how each rule fared (for the ``rules test`` report)."""
     if client_headers not in CLIENT_HEADER_POLICIES:
         raise ValueError(f"client_headers must be one of {', '.join(CLIENT_HEADER_POLICIES)}")
-    if not rules and client_headers == "keep":
+    if not rules and client_headers == "keep":  # nothing to do: not even a route
         return RulesOutcome(data, (), (), 0, 0, ()), []
     block, offset = HeaderBlock.parse(data)
     edits = _Edits()
@@ -101,6 +103,7 @@ def evaluate(
         fixed=edits.fixed,
         dropped=edits.dropped,
         warnings=tuple(edits.warnings),
+        route=edits.route,
     )
     return outcome, traces
 
@@ -128,6 +131,8 @@ def _run_rules(rules: tuple[Rule, ...], facts: Facts, edits: _Edits, explain: bo
 
 
 def _apply_actions(rule: Rule, facts: Facts, edits: _Edits) -> None:
+    if rule.route is not None:
+        edits.route = rule.route  # the last matching rule with a route wins
     block = facts.headers
     for glob in rule.remove:
         block.remove(glob)

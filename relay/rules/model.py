@@ -17,7 +17,7 @@ from email.header import decode_header, make_header
 from functools import partial
 from typing import Protocol
 
-from relay.envelope import MessageContext
+from relay.envelope import DEFAULT_UPSTREAM, MessageContext
 from relay.headers import HeaderBlock
 from relay.infobip.headers import ANGLE_URI, validate_header_value
 from relay.netaddr import IPNetwork, network_of
@@ -341,6 +341,7 @@ class Rule:
     default: tuple[HeaderValue, ...] = ()
     remove: tuple[str, ...] = ()
     stop: bool = False
+    route: str | None = None  # the named upstream (checked against the config's upstreams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,3 +354,5 @@ class RulesOutcome:
     fixed: int
     dropped: int
     warnings: tuple[str, ...]
+    # The upstream chosen by the last matching rule with ``route``.
+    route: str = DEFAULT_UPSTREAM
