@@ -19,7 +19,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -739,7 +739,12 @@ class RelayHandler:
         data = prepared.data
         options = _forwarded_options(envelope, received.ascii and data.isascii(),
                                      self.state.sink.upstream_smtputf8)
-        message = Envelope(ctx, data, options, received.body_file, route=outcome.route)
+        original_sender = None
+        if outcome.mail_from is not None and outcome.mail_from != ctx.mail_from:
+            # A rule's rewrite: the new sender goes upstream, the client's is kept on record.
+            original_sender, ctx = ctx.mail_from, replace(ctx, mail_from=outcome.mail_from)
+        message = Envelope(ctx, data, options, received.body_file, route=outcome.route,
+                           original_mail_from=original_sender)
         size = message.size
         upstream_limit = self.state.sink.upstream_max_size
         if upstream_limit is not None and size > upstream_limit:
@@ -769,6 +774,9 @@ class RelayHandler:
                             "sender": ctx.mail_from, "recipients": len(ctx.rcpt_tos),
                             "size": size, "user": ctx.auth_user,
                             "listener": ctx.listener})
+        if original_sender is not None:
+            log.info("%s envelope sender <%s> rewritten to <%s> by the rules", queue_id,
+                     original_sender, ctx.mail_from, extra={"queue_id": queue_id})
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     def _context(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope,

@@ -34,6 +34,9 @@ def render_rules_report(
     if outcome.warnings:
         lines.extend(["", "Warnings:", *(f"  - {warning}" for warning in outcome.warnings)])
     lines.extend(["", f"Route: {_route_line(rules, traces, outcome.route)}"])
+    if outcome.mail_from is not None:
+        lines.append(f"Envelope sender: {outcome.mail_from} (rewritten from "
+                     f"{ctx.mail_from or '<>'})")
     head = HeaderBlock.parse(outcome.data)[0].to_bytes()
     lines.extend(["", "Resulting headers:", _printable_headers(head)])
     return "\n".join(lines) + "\n"
@@ -70,6 +73,8 @@ def _describe_actions(rule: Rule) -> str:
     parts += [f"default {entry.name}: {entry.value}" for entry in rule.default]
     if rule.route is not None:
         parts.append(f"route {rule.route}")
+    if rule.rewrite is not None:
+        parts.append(rule.rewrite.describe())
     if rule.stop:
         parts.append("stop")
     return "; ".join(parts)
