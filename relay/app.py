@@ -28,6 +28,7 @@ from relay.reports.bounces import DsnBouncer
 from relay.reports.pull import ReportPoller
 from relay.reports.sink import ReportSink
 from relay.reports.webhook import webhook_app
+from relay.routing import Deliveries, describe_stranded, stranded
 from relay.spool import Spool, worker_spool_dir
 from relay.tlsconfig import adopt_certificates, listener_contexts
 from relay.upstream import connection_factory
@@ -59,7 +60,7 @@ class Server:
         self.supervised = workers > 1
         self.metrics = Metrics()
         self.spool: Spool | None = None
-        self.delivery: Delivery | None = None
+        self.deliveries: Deliveries | None = None
         self.state: ListenerState | None = None
         self.health_server: HTTPServer | None = None
         self.webhook_server: HTTPServer | None = None
@@ -74,6 +75,11 @@ class Server:
         # Background tasks (reloads, the watchdog): kept until done, cancelled at shutdown.
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = asyncio.Event()
+
+    @property
+    def delivery(self) -> Delivery | None:
+        """The delivery of the ``default`` upstream."""
+        return self.deliveries.default if self.deliveries is not None else None
 
     # -- public lifecycle
 
@@ -109,25 +115,26 @@ class Server:
         self.spool.start()
         # The credentials may have been fixed while we were down.
         await self._release_auth_deferred("at start")
-        self.delivery = Delivery(config, self.spool, self.metrics,
-                                 connection_factory(config.upstream, config.hostname))
-        self.state = ListenerState(config=config, spool=self.spool, sink=self.delivery,
+        self.deliveries = Deliveries(config, self.spool, self.metrics, connection_factory)
+        await self._warn_unrouted(config)
+        self.state = ListenerState(config=config, spool=self.spool, sink=self.deliveries,
                                    metrics=self.metrics)
         self.state.tls_contexts = listener_contexts(config)
         await self._start_listeners(config)
         await self._start_health(config)
         await self._start_reports(config, self.spool)
-        await self.delivery.start()
+        await self.deliveries.start()
         if not self.supervised:
             write_pid(config.queue.path)
             if (interval := sdnotify.watchdog_interval()) is not None:
                 self._background(sdnotify.keep_watchdog_fed(interval), "watchdog")
         counts = await self.spool.counts()
         pending = counts["queued"] + counts["deferred"]
-        log.info("infobip-relay ready: listening on %s; upstream %s:%d (%s); %d message(s) "
+        upstreams = ", ".join(f"{u.name} {u.host}:{u.port} ({u.tls})"
+                              for u in config.all_upstreams)
+        log.info("infobip-relay ready: listening on %s; upstream %s; %d message(s) "
                  "waiting in %s", ", ".join(f"{h}:{p}" for h, p in self.bound.values()),
-                 config.upstream.host, config.upstream.port, config.upstream.tls, pending,
-                 self.spool_dir)
+                 upstreams, pending, self.spool_dir)
         if not self.supervised:
             sdnotify.ready(f"relaying; {pending} message(s) queued")
         self.started.set()
@@ -156,8 +163,8 @@ class Server:
         for server in self.listeners:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
-        if self.delivery is not None:
-            await self.delivery.stop(max(0.5, deadline - time.monotonic()))
+        if self.deliveries is not None:
+            await self.deliveries.stop(max(0.5, deadline - time.monotonic()))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -184,20 +191,22 @@ class Server:
             except ConfigError as exc:
                 log.error("reload refused, keeping the running configuration: %s", exc)
                 return False
+            if not await self._routes_kept(new):
+                return False
             _warn_unreloadable(self.config, new)
-            upstream_changed = new.upstream != self.config.upstream
+            changed = [upstream.name for upstream in new.all_upstreams
+                       if upstream != self.config.upstream_named(upstream.name)]
             self.config = new
             if self.state is not None:
                 self.state.config = new
                 self.state.tls_contexts = adopt_certificates(self.state.tls_contexts,
                                                              tls_contexts, new)
-            if self.delivery is not None:
-                if upstream_changed:
-                    # Before reconfigure() wakes the poller, so that they go out at once.
-                    await self._release_auth_deferred("after the upstream settings changed")
-                    self.delivery.reconfigure(new, connection_factory(new.upstream, new.hostname))
-                else:
-                    self.delivery.config = new
+            if self.deliveries is not None:
+                for name in changed:
+                    # Before reconfigure() wakes the pollers, so that they go out at once.
+                    await self._release_auth_deferred("after the upstream settings changed",
+                                                      name)
+                await self.deliveries.reconfigure(new, new.grace_period)
             log.info("configuration reloaded from %s (%d rule(s))", new.source, len(new.rules))
             return True
         finally:
@@ -206,17 +215,42 @@ class Server:
 
     # -- parts
 
-    async def _release_auth_deferred(self, when: str) -> None:
+    async def _routes_kept(self, new: Config) -> bool:
+        """False (logged) when ``new`` drops an upstream that queued mail still uses."""
+        assert self.spool is not None
+        try:
+            lost = stranded(new, await self.spool.waiting_by_route())
+        except SpoolError as exc:
+            log.error("reload refused, keeping the running configuration: cannot count the "
+                      "queued mail of each upstream: %s", exc)
+            return False
+        if lost:
+            log.error("reload refused, keeping the running configuration: %s; put the "
+                      "upstream back, or let that mail be delivered (or `queue delete` it) "
+                      "first", describe_stranded(lost))
+            return False
+        return True
+
+    async def _warn_unrouted(self, config: Config) -> None:
+        """Mail whose upstream left the config while the relay was stopped waits, kept."""
+        assert self.spool is not None
+        lost = stranded(config, await self.spool.waiting_by_route())
+        if lost:
+            log.error("%s, which the configuration no longer has: that mail waits in the spool "
+                      "until the upstream is configured again", describe_stranded(lost))
+
+    async def _release_auth_deferred(self, when: str, route: str | None = None) -> None:
         """Messages held back only by a refused API key wait no longer for queue.auth_retry."""
         assert self.spool is not None
         try:
-            released = await self.spool.release_auth_deferred(time.time())
+            released = await self.spool.release_auth_deferred(time.time(), route)
         except SpoolError as exc:
             log.error("cannot release messages deferred by upstream authentication: %s", exc)
             return
         if released:
-            log.info("%d message(s) deferred by an upstream authentication failure are due "
-                     "again %s", released, when)
+            which = f" of upstream {route}" if route else ""
+            log.info("%d message(s)%s deferred by an upstream authentication failure are due "
+                     "again %s", released, which, when)
 
     async def _start_listeners(self, config: Config) -> None:
         assert self.state is not None
@@ -249,13 +283,14 @@ class Server:
                                f"{config.metrics.port}: {exc.strerror}") from exc
 
     async def readiness(self) -> tuple[bool, str]:
-        """Ready when the spool takes writes and the upstream answered recently.
+        """Ready when the spool takes writes and an upstream answered recently.
 
         A reports API that refuses the key does not stop mail: it is named, not failed.
         """
-        if self.spool is None or self.delivery is None or not await self.spool.check_writable():
+        if self.spool is None or self.deliveries is None or \
+                not await self.spool.check_writable():
             return False, "spool is not writable"
-        ready, reason = self.delivery.health.readiness()
+        ready, reason = self.deliveries.readiness()
         if self.poller is not None and self.poller.auth_error:
             reason = f"{reason}; reports pull: {self.poller.auth_error}"
         return ready, reason
@@ -266,13 +301,8 @@ class Server:
         sender = config.reports.bounce_sender
         if sender is None:
             return
-        try:
-            bouncer = DsnBouncer(sender, config.hostname, self.metrics.bounces_sent)
-        except ImportError as exc:
-            raise StartupError("reports.bounces.sender is set but this build cannot write "
-                               f"DSNs ({exc})") from None
         spool.db.keep_headers = True
-        spool.db.bouncer = bouncer
+        spool.db.bouncer = DsnBouncer(sender, config.hostname, self.metrics.bounces_sent)
 
     async def _start_reports(self, config: Config, spool: Spool) -> None:
         """The webhook and the poller, in one process only (worker 0) with ``workers: N``."""
@@ -305,16 +335,20 @@ class Server:
                 log.error("cannot match waiting reports: %s", exc)
 
     async def refresh_stats(self) -> None:
-        if self.spool is None or self.delivery is None:
+        if self.spool is None or self.deliveries is None:
             return
         counts = await self.spool.counts()
         for state, count in counts.items():
             self.metrics.queue_depth.labels(state=state).set(count)
         oldest = await self.spool.oldest_pending()
         self.metrics.oldest_age.set(time.time() - oldest if oldest else 0)
-        self.metrics.upstream_up.set(1 if self.delivery.health.ok else 0)
-        self.metrics.upstream_auth_ok.set(0 if self.delivery.health.auth_failed else 1)
-        self.metrics.upstream_connections_open.set(self.delivery.open_connections)
+        for delivery in self.deliveries:
+            name = delivery.name
+            self.metrics.upstream_up.labels(upstream=name).set(1 if delivery.health.ok else 0)
+            self.metrics.upstream_auth_ok.labels(upstream=name).set(
+                0 if delivery.health.auth_failed else 1)
+            self.metrics.upstream_connections_open.labels(upstream=name).set(
+                delivery.open_connections)
 
     def _background(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
         """Run ``coroutine`` as a task that is kept until done and cancelled at shutdown."""

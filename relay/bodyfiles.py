@@ -42,13 +42,16 @@ class SavedEnvelope:
     client: str | None = None
     auth_user: str | None = None
     listener: str | None = None
+    route: str = "default"  # the named upstream (relay.envelope.DEFAULT_UPSTREAM)
+    original_mail_from: str | None = None
 
     def to_json(self) -> bytes:
         return json.dumps({
             "mail_from": self.mail_from, "recipients": list(self.recipients),
             "mail_options": list(self.mail_options), "priority": self.priority,
             "created": self.created, "client": self.client, "auth_user": self.auth_user,
-            "listener": self.listener,
+            "listener": self.listener, "route": self.route,
+            "original_mail_from": self.original_mail_from,
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -69,6 +72,10 @@ class SavedEnvelope:
             client=_optional_string(data.get("client"), "client"),
             auth_user=_optional_string(data.get("auth_user"), "auth_user"),
             listener=_optional_string(data.get("listener"), "listener"),
+            # Sidecars written before named upstreams and sender rewriting lack these.
+            route=_string(data.get("route", "default"), "route"),
+            original_mail_from=_optional_string(data.get("original_mail_from"),
+                                                "original_mail_from"),
         )
 
 

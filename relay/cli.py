@@ -344,6 +344,9 @@ def _queue_show(args: argparse.Namespace) -> int:
     if message.state == "deferred":
         print(f"next attempt: {_stamp(message.next_attempt)}")
     print(f"sender:       <{message.mail_from}>")
+    if message.original_mail_from is not None:
+        print(f"rewritten:    from <{message.original_mail_from}> (the client's sender)")
+    print(f"upstream:     {message.route}")
     if message.upstream_id:
         print(f"infobip id:   {message.upstream_id}")
     print(f"last reply:   {message.last_reply or '-'}")
@@ -539,6 +542,7 @@ def _message_dict(message: QueuedMessage) -> dict[str, object]:
         "mail_from": message.mail_from, "client": message.client,
         "auth_user": message.auth_user, "listener": message.listener,
         "last_reply": message.last_reply, "upstream_id": message.upstream_id,
+        "route": message.route, "original_mail_from": message.original_mail_from,
         "recipients": [_recipient_dict(r) for r in message.recipients],
     }
 

@@ -22,6 +22,7 @@ from typing import Any, Literal, cast, get_args
 import yaml
 
 from relay.address import AddressError, check_mailbox
+from relay.envelope import DEFAULT_UPSTREAM
 from relay.errors import ConfigError
 from relay.infobip.regions import Region, find_region, region_names
 from relay.netaddr import IPNetwork, network_of
@@ -32,6 +33,7 @@ from relay.settings import (
     Section,
     boolean,
     choice,
+    describe,
     did_you_mean,
     item_path,
     join,
@@ -158,6 +160,9 @@ class UpstreamConfig:
     # Regular expressions (case-insensitive; a plain word matches as a substring) that make a
     # 421/450/451/454 reply a throttling one (relay.pacing).
     throttle_patterns: tuple[str, ...] = DEFAULT_THROTTLE_PATTERNS
+    # ``default`` for the top-level ``upstream``, the key under ``upstreams`` for the others:
+    # what rules `route` to, the metrics label and the name in logs and /readyz.
+    name: str = DEFAULT_UPSTREAM
 
     def ssl_context(self) -> ssl.SSLContext:
         """A verifying client context: the system store plus ``ca_file``; never unverified."""
@@ -252,6 +257,8 @@ class Config:
     queue: QueueConfig
     rules: tuple[Rule, ...] = ()
     users: tuple[UserConfig, ...] = ()
+    # The named upstreams besides ``upstream`` (which is ``default``), in the file's order.
+    upstreams: tuple[UpstreamConfig, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reports: ReportsConfig = field(default_factory=ReportsConfig)
@@ -264,6 +271,17 @@ class Config:
         for user in self.users:
             if user.name == name:
                 return user
+        return None
+
+    @property
+    def all_upstreams(self) -> tuple[UpstreamConfig, ...]:
+        """``upstream`` (named ``default``) first, then the named ``upstreams``."""
+        return (self.upstream, *self.upstreams)
+
+    def upstream_named(self, name: str) -> UpstreamConfig | None:
+        for upstream in self.all_upstreams:
+            if upstream.name == name:
+                return upstream
         return None
 
 
@@ -350,11 +368,13 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
     listeners = _build_listeners(top.get("listeners"), env, base_dir)
     users = _build_users(top.get("users"))
     upstream = _build_upstream(top.get("upstream"), env, base_dir)
+    upstreams = _build_named_upstreams(top.get("upstreams"), base_dir)
     queue = _build_queue(top.get("queue"), env, base_dir, access.max_message_size)
     metrics = _build_metrics(top.get("metrics"), env)
     logging_config = _build_logging(top.get("logging"))
     reports = _build_reports(top.get("reports"), env, base_dir, upstream.password)
     rules = compile_rules(top.get("rules"), "rules")
+    _check_routes(rules, (upstream, *upstreams))
     hostname = top.convert("hostname", _hostname, socket.gethostname() or top.default("hostname"))
     grace = top.convert("grace_period", parse_duration)
     workers = top.convert("workers", _workers, var="RELAY_WORKERS")
@@ -362,7 +382,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
     config = Config(
         listeners=listeners, access=access, upstream=upstream, queue=queue, rules=rules,
         users=users, metrics=metrics, logging=logging_config, reports=reports, hostname=hostname,
-        grace_period=grace, workers=workers, source=source,
+        grace_period=grace, workers=workers, source=source, upstreams=upstreams,
     )
     _check_relay_policy(config)
     return config
@@ -546,8 +566,9 @@ def _build_users(raw: object) -> tuple[UserConfig, ...]:
     return tuple(users)
 
 
-def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) -> UpstreamConfig:
-    section = Section(raw, "upstream", model=UpstreamConfig, env=env)
+def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None, *,
+                    path: str = "upstream", name: str = DEFAULT_UPSTREAM) -> UpstreamConfig:
+    section = Section(raw, path, model=UpstreamConfig, env=env)
     region = section.convert("region", _region, _region(section.default("region")),
                              var="INFOBIP_REGION")
     host = str(section.get("host") or env.get("INFOBIP_SMTP_HOST") or region.host)
@@ -573,16 +594,16 @@ def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None) 
     throttle_patterns = section.convert("throttle_patterns", _throttle_patterns)
     section.finish()
     if ca_file is not None and not ca_file.is_file():
-        raise ConfigError("upstream.ca_file", f"file not found: {ca_file}")
+        raise ConfigError(section.at("ca_file"), f"file not found: {ca_file}")
     if connections > 256:
-        raise ConfigError("upstream.connections", "at most 256 connections")
+        raise ConfigError(section.at("connections"), "at most 256 connections")
     return UpstreamConfig(
         host=host, port=port, tls=tls, username=username, password=password,
         region=region.name, auth_mechanism=mechanism,
         connections=connections, ca_file=ca_file, timeout=timeout, idle_timeout=idle_timeout,
         data_timeout=data_timeout,
         password_file=section.convert("password_file", path_in(base_dir)),
-        rate=rate, throttle_patterns=throttle_patterns,
+        rate=rate, throttle_patterns=throttle_patterns, name=name,
     )
 
 
@@ -590,6 +611,44 @@ def _throttle_patterns(value: object) -> tuple[str, ...]:
     patterns = string_list(value)
     ThrottleClassifier(patterns)  # refuses what does not compile, or matches every reply
     return patterns
+
+
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _build_named_upstreams(raw: object, base_dir: Path | None) -> tuple[UpstreamConfig, ...]:
+    """``upstreams: {name: {same keys as upstream}}``.
+
+    The environment's INFOBIP_* defaults belong to ``upstream`` alone: another account's key
+    or region must be written down, never inherited from the default one.
+    """
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError("upstreams", f"must be a mapping of name: upstream settings, got "
+                                       f"{describe(raw)}")
+    named = []
+    for name, settings in raw.items():
+        path = join("upstreams", str(name))
+        if not isinstance(name, str) or not _UPSTREAM_NAME.fullmatch(name):
+            raise ConfigError(path, "an upstream name is 1-64 letters, digits, '.', '_' or '-'"
+                                    " (it is a metrics label)")
+        if name == DEFAULT_UPSTREAM:
+            raise ConfigError(path, f"{DEFAULT_UPSTREAM!r} is the name of the top-level "
+                                    "upstream: configure it there")
+        named.append(_build_upstream(settings, {}, base_dir, path=path, name=name))
+    return tuple(named)
+
+
+def _check_routes(rules: tuple[Rule, ...], upstreams: tuple[UpstreamConfig, ...]) -> None:
+    """Every ``route`` names a configured upstream."""
+    names = [upstream.name for upstream in upstreams]
+    for rule in rules:
+        if rule.route is not None and rule.route not in names:
+            hint = did_you_mean(rule.route, names)
+            raise ConfigError(f"{rule_path('rules', rule.index, rule.name)}.route",
+                              f"unknown upstream {rule.route!r}{hint} (configured: "
+                              f"{', '.join(names)})")
 
 
 def _auth_mechanism(value: Any) -> Literal["auto", "PLAIN", "LOGIN"]:
@@ -641,9 +700,10 @@ def _upstream_password(section: Section, env: Mapping[str, str],
     if password is None:
         password = env.get("INFOBIP_API_KEY")
     if not password:
+        where = "INFOBIP_API_KEY, " if section.path == "upstream" else ""
         raise ConfigError(section.at("password"),
-                          "no API key: set INFOBIP_API_KEY, upstream.password or "
-                          "upstream.password_file")
+                          f"no API key: set {where}{section.at('password')} or "
+                          f"{section.at('password_file')}")
     return Secret(str(password))
 
 
@@ -925,7 +985,8 @@ def _plain_field(name: str, value: Any) -> Any:
 
 def iter_secret_values(config: Config) -> Iterator[str]:
     """Every secret in the config, so that tests and log filters can check none leaks."""
-    yield config.upstream.password.reveal()
+    for upstream in config.all_upstreams:
+        yield upstream.password.reveal()
     if config.reports.pull is not None:
         yield config.reports.pull.api_key.reveal()
     if config.reports.webhook is not None:
@@ -936,7 +997,9 @@ def iter_secret_values(config: Config) -> Iterator[str]:
 
 def permission_warnings(config: Config) -> list[str]:
     """Secret files that other users can read or change: one line each, never the secret."""
-    files = [("upstream.password_file", config.upstream.password_file)]
+    files = [("upstream.password_file" if upstream.name == DEFAULT_UPSTREAM else
+               f"upstreams.{upstream.name}.password_file", upstream.password_file)
+             for upstream in config.all_upstreams]
     if config.reports.pull is not None:
         files.append(("reports.pull.api_key_file", config.reports.pull.api_key_file))
     files += [(f"{item_path('listeners', index)}.private_key", listener.private_key)

@@ -24,7 +24,8 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 
-from relay.config import Config
+from relay.config import Config, UpstreamConfig
+from relay.envelope import DEFAULT_UPSTREAM
 from relay.metrics import Metrics
 from relay.outgoing import MessageData, MessageFile, message_size
 from relay.pacing import Pacer
@@ -64,8 +65,6 @@ _LOG_LEVELS = {"delivered": logging.INFO, "pending": logging.WARNING, "failed": 
                "bounced": logging.ERROR}
 # Ready means the upstream answered within this window (a probe runs every _PROBE_INTERVAL).
 _READY_UPSTREAM_WINDOW = 300.0
-# The name of the `upstream` section's upstream (metrics label, pacing log lines).
-DEFAULT_UPSTREAM = "default"
 
 
 @dataclass(order=True)
@@ -190,10 +189,17 @@ def _explaining_reply(message: QueuedMessage, recipients: list[Recipient], resul
 
 
 class Delivery:
-    """Workers + poller + housekeeping around one spool and one upstream."""
+    """Workers + poller + housekeeping around one spool and one named upstream.
+
+    It takes from the spool only the messages routed to ``name``: each upstream has its own
+    workers, connections, health and auth-failure pause (relay.routing runs one per upstream).
+    ``known``: the claimed ids, shared by the deliveries of one spool (the listener claims an
+    id before it knows which one will send it).
+    """
 
     def __init__(self, config: Config, spool: Spool, metrics: Metrics,
-                 upstream_factory: UpstreamFactory, *, name: str = DEFAULT_UPSTREAM) -> None:
+                 upstream_factory: UpstreamFactory, *, name: str = DEFAULT_UPSTREAM,
+                 known: set[str] | None = None) -> None:
         self.config = config
         self.name = name
         self.pacer = _pacer_for(config, name)
@@ -202,7 +208,7 @@ class Delivery:
         self.upstream_factory = upstream_factory
         self.health = UpstreamHealth()
         self._ready: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
-        self._known: set[str] = set()
+        self._known: set[str] = set() if known is None else known
         # Outcomes the spool could not commit (disk full, I/O error). Their messages stay
         # claimed, so a delivered one is never sent again, until a retry commits them.
         self._unrecorded: dict[str, Outcome] = {}
@@ -222,8 +228,13 @@ class Delivery:
 
     # -- lifecycle
 
+    @property
+    def upstream(self) -> UpstreamConfig:
+        """This delivery's upstream settings in the current config."""
+        return _named_upstream(self.config, self.name)
+
     async def start(self) -> None:
-        for index in range(self.config.upstream.connections):
+        for index in range(self.upstream.connections):
             connection = self.upstream_factory()
             self._connections.append(connection)
             self._workers.append(asyncio.create_task(self._work(index),
@@ -254,7 +265,7 @@ class Delivery:
     def reconfigure(self, config: Config, upstream_factory: UpstreamFactory) -> None:
         """Adopt a reloaded config: new connections use it; the health state starts afresh, and
         so does the pace if its settings changed."""
-        if _pacing_settings(config) != _pacing_settings(self.config):
+        if _pacing_settings(config, self.name) != _pacing_settings(self.config, self.name):
             self.pacer = _pacer_for(config, self.name)
             self._show_pacing()
         self.config = config
@@ -319,7 +330,7 @@ class Delivery:
         """
         try:
             job = await asyncio.wait_for(self._ready.get(),
-                                         timeout=self.config.upstream.idle_timeout)
+                                         timeout=self.upstream.idle_timeout)
         except TimeoutError:
             # Close idle sessions politely rather than let the provider cut them.
             await self._connections[index].close()
@@ -411,7 +422,8 @@ class Delivery:
             return self._on_unavailable(message, str(exc))
         if not result.local:
             self.health.record_success(connection.smtputf8, connection.max_size)
-            self.metrics.observe_send(time.monotonic() - started, result, message_size(data))
+            self.metrics.observe_send(time.monotonic() - started, result, message_size(data),
+                                      self.name)
             throttling = self._throttling_reply(result)
             if throttling is not None:
                 return self._on_throttled(message, result, ticket, throttling)
@@ -451,10 +463,10 @@ class Delivery:
     def _on_auth_failure(self, message: QueuedMessage, error: str) -> asyncio.Future[bool]:
         pause = self.config.queue.auth_retry
         if not self.health.auth_failed:
-            log.error("upstream authentication failed: %s; mail stays queued, retrying every %ss",
-                      error, int(pause))
+            log.error("upstream %s: authentication failed: %s; its mail stays queued, retrying "
+                      "every %ss", self.name, error, int(pause))
         self.health.record_auth_failure(error, pause)
-        self.metrics.upstream_errors.labels(kind="auth").inc()
+        self.metrics.upstream_errors.labels(kind="auth", upstream=self.name).inc()
         # Not the message's fault: its attempt count and age limit are left alone, and the
         # mark lets a restart or a reload with new credentials make it due at once.
         outcome = Outcome(message.recipients, "deferred", time.time() + pause, message.attempts,
@@ -467,7 +479,7 @@ class Delivery:
         A quick retry would duplicate every message of an upstream that is merely slow; no
         retry would lose those it really dropped.
         """
-        self.metrics.unknown_outcomes.inc()
+        self.metrics.unknown_outcomes.labels(upstream=self.name).inc()
         result = SendResult(reply=f"451 4.4.2 outcome unknown after the final dot: {error}")
         outcome = decide_outcome(message, result, time.time(), self.config,
                                  min_delay=self.config.queue.retry_max)
@@ -476,8 +488,9 @@ class Delivery:
     def _on_unavailable(self, message: QueuedMessage, error: str) -> asyncio.Future[bool]:
         delay = self.health.record_failure(error)
         if self.health.failures == 1:
-            log.warning("upstream unavailable: %s; pausing delivery %.0fs", error, delay)
-        self.metrics.upstream_errors.labels(kind="unavailable").inc()
+            log.warning("upstream %s unavailable: %s; pausing its delivery %.0fs", self.name,
+                        error, delay)
+        self.metrics.upstream_errors.labels(kind="unavailable", upstream=self.name).inc()
         outcome = decide_outcome(message, SendResult(reply=f"451 4.4.1 {error}"), time.time(),
                                  self.config)
         return self._record(message, outcome)
@@ -488,7 +501,7 @@ class Delivery:
         # Registered before the worker's _release callback, so it runs first.
         recorded.add_done_callback(functools.partial(self._keep_if_unrecorded, message.id,
                                                      outcome))
-        self.metrics.outcomes.labels(state=outcome.state).inc()
+        self.metrics.outcomes.labels(state=outcome.state, upstream=self.name).inc()
         if log_it:
             self._log_outcome(message, outcome)
         return recorded
@@ -508,7 +521,7 @@ class Delivery:
         while not self._stopping:
             if self._ready.qsize() < _POLL_BATCH // 2:
                 try:
-                    due = await self.spool.due(time.time(), _POLL_BATCH)
+                    due = await self.spool.due(time.time(), _POLL_BATCH, self.name)
                 except Exception as exc:
                     log.error("cannot read the spool: %s", exc)
                     due = []
@@ -565,29 +578,36 @@ class Delivery:
             await connection.probe()
         except UpstreamAuthError as exc:
             if not self.health.auth_failed:
-                log.error("upstream authentication failed: %s", exc)
+                log.error("upstream %s: authentication failed: %s", self.name, exc)
             self.health.record_auth_failure(str(exc), self.config.queue.auth_retry)
         except UpstreamUnavailable as exc:
             if self.health.failures == 0:
-                log.warning("upstream unavailable: %s", exc)
+                log.warning("upstream %s unavailable: %s", self.name, exc)
             self.health.record_failure(str(exc))
         else:
             if self.health.paused:
-                log.info("upstream is reachable again; resuming delivery")
+                log.info("upstream %s is reachable again; resuming delivery", self.name)
             self.health.record_success(connection.smtputf8, connection.max_size)
             self._resume.set()
         finally:
             await connection.close()
 
 
-def _pacing_settings(config: Config) -> tuple[object, ...]:
-    upstream = config.upstream
+def _named_upstream(config: Config, name: str) -> UpstreamConfig:
+    upstream = config.upstream_named(name)
+    if upstream is None:  # relay.routing stops a delivery before its upstream goes
+        raise LookupError(f"no upstream {name!r} in the configuration")
+    return upstream
+
+
+def _pacing_settings(config: Config, name: str) -> tuple[object, ...]:
+    upstream = _named_upstream(config, name)
     return upstream.rate, upstream.connections, upstream.throttle_patterns, config.workers
 
 
 def _pacer_for(config: Config, name: str) -> Pacer:
     """The pace of one upstream; with several worker processes each takes its share."""
-    upstream = config.upstream
+    upstream = _named_upstream(config, name)
     rate = None if upstream.rate is None else upstream.rate / config.workers
     return Pacer(rate, upstream.connections, upstream.throttle_patterns, name=name)
 

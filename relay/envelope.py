@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+# The name of the top-level ``upstream``: where a message goes when no rule routes it elsewhere.
+DEFAULT_UPSTREAM = "default"
+
 
 @dataclass(frozen=True, slots=True)
 class MessageContext:
@@ -32,6 +35,10 @@ class Envelope:
     # A streamed message: ``data`` is then only the header block, and the body (from the blank
     # line on) waits in this file under the spool's bodies/ directory, to be joined to it.
     body_file: Path | None = None
+    # The named upstream the rules chose (``route``), and the envelope sender the client gave
+    # when a ``rewrite`` changed it (None: not rewritten; ``context.mail_from`` is what is sent).
+    route: str = DEFAULT_UPSTREAM
+    original_mail_from: str | None = None
 
     @property
     def size(self) -> int:

@@ -232,8 +232,19 @@ class HeaderBlock:
 
     def set(self, name: str, value: str) -> None:
         """Make ``value`` the only ``name`` field, in place of the first occurrence."""
+        self.set_field(name, format_field(name, value))
+
+    def set_field(self, name: str, raw: bytes) -> None:
+        """``set`` with a field formatted elsewhere (``Name: value``, folded, CRLF-ended).
+
+        For values that need the email package's structured encoding (an RFC 2047 display
+        name); the caller keeps every line within 998 octets.
+        """
+        if not raw.endswith(CRLF) or b"\r" in raw.replace(CRLF, b"") or \
+                b"\n" in raw.replace(CRLF, b"") or not raw.lower().startswith(
+                    name.lower().encode("ascii") + b":"):
+            raise ValueError(f"not a CRLF-terminated {name} field")
         lname = name.lower()
-        raw = format_field(name, value)
         positions = self._positions(lname)
         if positions:
             self._fields[positions[0]] = _Field(lname, name, raw)

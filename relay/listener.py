@@ -19,7 +19,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -752,7 +752,12 @@ class RelayHandler:
         data = prepared.data
         options = _forwarded_options(envelope, received.ascii and data.isascii(),
                                      self.state.sink.upstream_smtputf8)
-        message = Envelope(ctx, data, options, received.body_file)
+        original_sender = None
+        if outcome.mail_from is not None and outcome.mail_from != ctx.mail_from:
+            # A rule's rewrite: the new sender goes upstream, the client's is kept on record.
+            original_sender, ctx = ctx.mail_from, replace(ctx, mail_from=outcome.mail_from)
+        message = Envelope(ctx, data, options, received.body_file, route=outcome.route,
+                           original_mail_from=original_sender)
         size = message.size
         upstream_limit = self.state.sink.upstream_max_size
         if upstream_limit is not None and size > upstream_limit:
@@ -773,7 +778,7 @@ class RelayHandler:
             raise
         metrics.accepted.labels(listener=self.listener.name).inc()
         # A body on disk is read back by the delivery: it is never held whole in memory.
-        sink.submit(_queued(ctx, options, priority, size),
+        sink.submit(_queued(message, priority, size),
                     data if received.body_file is None else None)
         if log.isEnabledFor(logging.INFO):  # spares building the fields on the hot path
             log.info("%s queued from %s: <%s> to %d recipient(s), %d bytes", queue_id,
@@ -782,6 +787,9 @@ class RelayHandler:
                             "sender": ctx.mail_from, "recipients": len(ctx.rcpt_tos),
                             "size": size, "user": ctx.auth_user,
                             "listener": ctx.listener})
+        if original_sender is not None:
+            log.info("%s envelope sender <%s> rewritten to <%s> by the rules", queue_id,
+                     original_sender, ctx.mail_from, extra={"queue_id": queue_id})
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     def _context(self, server: RelaySMTP, session: SMTPSession, envelope: SMTPEnvelope,
@@ -832,15 +840,16 @@ def _forwarded_options(envelope: SMTPEnvelope, ascii_data: bool, upstream_smtput
     return tuple(options)
 
 
-def _queued(ctx: MessageContext, options: tuple[str, ...], priority: int, size: int
-            ) -> QueuedMessage:
+def _queued(envelope: Envelope, priority: int, size: int) -> QueuedMessage:
+    ctx = envelope.context
     now = time.time()
     return QueuedMessage(
         id=ctx.queue_id, state="queued", priority=priority, created=now, updated=now,
         next_attempt=now, attempts=0, mail_from=ctx.mail_from,
         recipients=tuple(Recipient(address) for address in ctx.rcpt_tos),
-        mail_options=options, size=size, client=ctx.client_ip, auth_user=ctx.auth_user,
-        listener=ctx.listener, last_reply=None, upstream_id=None,
+        mail_options=envelope.mail_options, size=size, client=ctx.client_ip,
+        auth_user=ctx.auth_user, listener=ctx.listener, last_reply=None, upstream_id=None,
+        route=envelope.route, original_mail_from=envelope.original_mail_from,
     )
 
 

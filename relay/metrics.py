@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -43,15 +44,19 @@ class Metrics:
                                 ["listener", "reason"], registry=r)
         self.outcomes = Counter("relay_delivery_attempts",
                                 "Delivery attempts by resulting message state "
-                                "(delivered, deferred, failed)", ["state"], registry=r)
+                                "(delivered, deferred, failed)", ["state", "upstream"],
+                                registry=r)
+        # Everything about one upstream carries its name (`upstream`, `upstreams:` keys) in
+        # the label ``upstream``: a bad key on one account shows on that account alone.
         self.upstream_replies = Counter("relay_upstream_replies", "Upstream replies by code",
-                                        ["code"], registry=r)
+                                        ["code", "upstream"], registry=r)
         self.upstream_errors = Counter("relay_upstream_errors",
-                                       "Connection-level upstream failures", ["kind"], registry=r)
+                                       "Connection-level upstream failures", ["kind", "upstream"],
+                                       registry=r)
         self.unknown_outcomes = Counter(
             "relay_upstream_unknown_outcomes",
             "Messages deferred because no reply to the final dot came back (the upstream may "
-            "have them: retried after queue.retry_max)", registry=r)
+            "have them: retried after queue.retry_max)", ["upstream"], registry=r)
         # Pacing (relay.pacing), per upstream: what AIMD currently allows this process.
         self.pacing_rate = Gauge("relay_upstream_pacing_rate",
                                  "Effective send rate limit in messages/s (0: unlimited)",
@@ -68,9 +73,10 @@ class Metrics:
                                          registry=r)
         self.upstream_connections_open = Gauge("relay_upstream_connections_open",
                                                "Authenticated upstream connections open",
-                                               registry=r)
+                                               ["upstream"], registry=r)
         self.send_latency = Histogram("relay_upstream_send_seconds",
-                                      "Time to forward one message upstream", registry=r,
+                                      "Time to forward one message upstream", ["upstream"],
+                                      registry=r,
                                       buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10,
                                                30, 60))
         self.bytes_in = Counter("relay_bytes_received", "Message bytes received from clients",
@@ -88,7 +94,8 @@ class Metrics:
         self.oldest_age = Gauge("relay_queue_oldest_age_seconds",
                                 "Age of the oldest queued or deferred message", registry=r)
         self.upstream_up = Gauge("relay_upstream_up",
-                                 "1 if the last upstream contact succeeded", registry=r)
+                                 "1 if the last upstream contact succeeded", ["upstream"],
+                                 registry=r)
         # The operator's view (issue 13): `infobip-relay status`, deploy/monitoring/.
         self.build_info = Gauge("relay_build_info", "Always 1; the version is in the label",
                                 ["version"], registry=r)
@@ -100,8 +107,8 @@ class Metrics:
                                    "Unix time at which the upstream last accepted a message "
                                    "(0: not since the start)", registry=r)
         self.upstream_auth_ok = Gauge("relay_upstream_auth_ok",
-                                      "0 while the upstream refuses our credentials", registry=r)
-        self.upstream_auth_ok.set(1)
+                                      "0 while the upstream refuses our credentials",
+                                      ["upstream"], registry=r)
         self.ready = Gauge("relay_ready", "1 if /readyz answers 200 (evaluated at each scrape)",
                            registry=r)
         self.spool_writable = Gauge("relay_spool_writable",
@@ -125,10 +132,24 @@ class Metrics:
         self.reports_pull_errors = Counter("relay_reports_pull_errors", "Failed polls of "
                                            "Infobip's reports API", ["kind"], registry=r)
 
-    def observe_send(self, seconds: float, result: SendResult, size: int) -> None:
-        self.send_latency.observe(seconds)
+    def add_upstream(self, name: str) -> None:
+        """Export an upstream's series from the start (an alert needs a 0 to compare with)."""
+        self.upstream_up.labels(upstream=name).set(0)
+        self.upstream_auth_ok.labels(upstream=name).set(1)
+        self.upstream_connections_open.labels(upstream=name).set(0)
+        self.unknown_outcomes.labels(upstream=name)
+
+    def remove_upstream(self, name: str) -> None:
+        """Stop exporting the gauges of an upstream that a reload removed."""
+        for gauge in (self.upstream_up, self.upstream_auth_ok, self.upstream_connections_open):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
+
+    def observe_send(self, seconds: float, result: SendResult, size: int, upstream: str
+                     ) -> None:
+        self.send_latency.labels(upstream=upstream).observe(seconds)
         code = result.reply[:3] if result.reply[:3].isdigit() else "other"
-        self.upstream_replies.labels(code=code).inc()
+        self.upstream_replies.labels(code=code, upstream=upstream).inc()
         if result.accepted:
             self.bytes_out.inc(size)
             self.last_delivery.set(time.time())

@@ -40,7 +40,7 @@ from relay.bodyfiles import (
     write_joined,
     write_synced,
 )
-from relay.envelope import Envelope
+from relay.envelope import DEFAULT_UPSTREAM, Envelope
 from relay.errors import SpoolError
 from relay.headers import header_end
 from relay.infobip.priority import DEFAULT_PRIORITY, PRIORITY_NAMES
@@ -85,7 +85,9 @@ CREATE TABLE IF NOT EXISTS messages (
     body_file    INTEGER NOT NULL DEFAULT 0,
     auth_deferred INTEGER NOT NULL DEFAULT 0,
     headers      BLOB,
-    awaiting_report INTEGER NOT NULL DEFAULT 0
+    awaiting_report INTEGER NOT NULL DEFAULT 0,
+    route        TEXT NOT NULL DEFAULT 'default',
+    original_mail_from TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
 """
@@ -125,8 +127,8 @@ _REQUIRED_COLUMNS = frozenset({
     "upstream_id", "data"})
 _INSERT = ("INSERT INTO messages (id, state, priority, created, updated, next_attempt,"
            " attempts, mail_from, recipients, mail_options, size, client, auth_user,"
-           " listener, data, body_file, headers)"
-           " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           " listener, data, body_file, headers, route, original_mail_from)"
+           " VALUES (?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +221,8 @@ class QueuedMessage:
     listener: str | None
     last_reply: str | None
     upstream_id: str | None
+    route: str = DEFAULT_UPSTREAM  # the named upstream that delivers it
+    original_mail_from: str | None = None  # the client's sender, when a rule rewrote it
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -245,7 +249,8 @@ class Outcome:
 
 
 _COLUMNS = ("id, state, priority, created, updated, next_attempt, attempts, mail_from, recipients, "
-            "mail_options, size, client, auth_user, listener, last_reply, upstream_id")
+            "mail_options, size, client, auth_user, listener, last_reply, upstream_id, route, "
+            "original_mail_from")
 
 
 _RECORD = ("UPDATE messages SET state=?, recipients=?, next_attempt=?, attempts=?, last_reply=?,"
@@ -296,7 +301,8 @@ def _row_to_message(row: tuple[Any, ...]) -> QueuedMessage:
         id=row[0], state=row[1], priority=row[2], created=row[3], updated=row[4],
         next_attempt=row[5], attempts=row[6], mail_from=row[7], recipients=recipients,
         mail_options=tuple(json.loads(row[9])), size=row[10], client=row[11], auth_user=row[12],
-        listener=row[13], last_reply=row[14], upstream_id=row[15],
+        listener=row[13], last_reply=row[14], upstream_id=row[15], route=row[16],
+        original_mail_from=row[17],
     )
 
 
@@ -408,6 +414,11 @@ class SpoolDB:
             self.conn.execute("ALTER TABLE messages ADD COLUMN headers BLOB")
             self.conn.execute(
                 "ALTER TABLE messages ADD COLUMN awaiting_report INTEGER NOT NULL DEFAULT 0")
+        if "route" not in columns:  # spools written before named upstreams: all go to default
+            self.conn.execute(
+                "ALTER TABLE messages ADD COLUMN route TEXT NOT NULL DEFAULT 'default'")
+        if "original_mail_from" not in columns:  # ... and before sender rewriting
+            self.conn.execute("ALTER TABLE messages ADD COLUMN original_mail_from TEXT")
 
     def close(self) -> None:
         self.conn.close()
@@ -456,7 +467,8 @@ class SpoolDB:
                 (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
                  json.dumps(list(envelope.mail_options)), size, ctx.client_ip,
                  ctx.auth_user, ctx.listener, None if in_file else envelope.data, int(in_file),
-                 _kept_headers(envelope.data) if self.keep_headers else None),
+                 _kept_headers(envelope.data) if self.keep_headers else None,
+                 envelope.route, envelope.original_mail_from),
             )
         except sqlite3.Error:
             if in_file:
@@ -469,7 +481,8 @@ class SpoolDB:
         """Write and fsync a message's body file and sidecar (no database: any thread)."""
         ctx = envelope.context
         saved = SavedEnvelope(ctx.mail_from, ctx.rcpt_tos, envelope.mail_options, priority,
-                              now, ctx.client_ip, ctx.auth_user, ctx.listener)
+                              now, ctx.client_ip, ctx.auth_user, ctx.listener, envelope.route,
+                              envelope.original_mail_from)
         self._write_body(ctx.queue_id, envelope, saved)
 
     def _body_path(self, message_id: str) -> Path:
@@ -547,9 +560,13 @@ class SpoolDB:
         if dsn is None:
             return
         recipients = _encode_recipients(Recipient(address) for address in dsn.recipients)
+        # To a UTF-8 sender (who sent with SMTPUTF8), or quoting UTF-8 headers: SMTPUTF8 too.
+        options = [] if dsn.data.isascii() and dsn.mail_from.isascii() and \
+            all(address.isascii() for address in dsn.recipients) else ["SMTPUTF8"]
+        # Through the upstream the failed message used: the same account, as the issue says.
         self.conn.execute(_INSERT, (dsn.id, DEFAULT_PRIORITY, now, now, now, dsn.mail_from,
-                                    recipients, "[]", len(dsn.data), None, None, "dsn",
-                                    dsn.data, 0, None))
+                                    recipients, json.dumps(options), len(dsn.data), None, None,
+                                    "dsn", dsn.data, 0, None, message.route, None))
 
     def _headers(self, message_id: str) -> bytes:
         """The header block kept for a DSN (or, failing that, the one in the message's data)."""
@@ -665,11 +682,13 @@ class SpoolDB:
         )
         return True
 
-    def release_auth_deferred(self, now: float) -> int:
-        """Make due now the messages deferred only by an upstream authentication failure."""
+    def release_auth_deferred(self, now: float, route: str | None = None) -> int:
+        """Make due now the messages deferred only by an upstream authentication failure
+        (only those of upstream ``route``, if given)."""
         return self.conn.execute(
             "UPDATE messages SET next_attempt=?, auth_deferred=0, updated=?"
-            " WHERE auth_deferred=1 AND state IN ('queued', 'deferred')", (now, now),
+            " WHERE auth_deferred=1 AND state IN ('queued', 'deferred')"
+            " AND (? IS NULL OR route = ?)", (now, now, route, route),
         ).rowcount
 
     def delete(self, message_id: str) -> bool:
@@ -704,7 +723,7 @@ class SpoolDB:
             _INSERT, (orphan.id, saved.priority, saved.created or now, now, now,
                       saved.mail_from, recipients, json.dumps(list(saved.mail_options)),
                       orphan.size, saved.client, saved.auth_user, saved.listener, None, 1,
-                      None)))
+                      None, saved.route, saved.original_mail_from)))
 
     def prune_delivered(self, older_than: float, report_cutoff: float | None = None) -> int:
         """Delete delivered and bounced records last changed before ``older_than``; one that
@@ -759,12 +778,21 @@ class SpoolDB:
             return None
         return MessageFile(file, os.fstat(file.fileno()).st_size)
 
-    def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
-        """(id, priority, created) of queued/deferred messages due by ``now``, most urgent first."""
+    def due(self, now: float, limit: int, route: str | None = None
+            ) -> list[tuple[str, int, float]]:
+        """(id, priority, created) of queued/deferred messages due by ``now``, most urgent first;
+        with ``route``, only those for that upstream."""
         return self.conn.execute(
             "SELECT id, priority, created FROM messages WHERE state IN ('queued', 'deferred')"
-            " AND next_attempt <= ? ORDER BY priority, created LIMIT ?", (now, limit),
+            " AND next_attempt <= ? AND (? IS NULL OR route = ?)"
+            " ORDER BY priority, created LIMIT ?", (now, route, route, limit),
         ).fetchall()
+
+    def waiting_by_route(self) -> dict[str, int]:
+        """Queued and deferred messages per upstream name (what a reload must not strand)."""
+        return dict(self.conn.execute(
+            "SELECT route, COUNT(*) FROM messages WHERE state IN ('queued', 'deferred')"
+            " GROUP BY route").fetchall())
 
     def list(self, states: Iterable[str] | None = None, limit: int = 1000) -> list[QueuedMessage]:
         wanted = tuple(states or STATES)
@@ -877,13 +905,16 @@ def absorb_spool(target: SpoolDB, source_dir: Path) -> int:
     """
     source = SpoolDB(source_dir, create=False)
     try:
-        rows = source.conn.execute("SELECT * FROM messages").fetchall()
+        # By name: columns added by migrations may stand in another order in either file.
+        columns = ", ".join(row[1] for row in source.conn.execute("PRAGMA table_info(messages)"))
+        rows = source.conn.execute(f"SELECT {columns} FROM messages").fetchall()  # noqa: S608
         if rows:
             # Rows first, then files, then the source rows: after a crash at any point the next
             # start repeats the steps, and a moved file always has a row that keeps it.
             marks = ",".join("?" * len(rows[0]))
             target.transaction(lambda: target.conn.executemany(
-                f"INSERT OR IGNORE INTO messages VALUES ({marks})", rows))  # noqa: S608
+                f"INSERT OR IGNORE INTO messages ({columns}) VALUES ({marks})",  # noqa: S608
+                rows))
             _move_body_files(source, target)
             source.transaction(lambda: source.conn.execute("DELETE FROM messages"))
         remove_partial_bodies(source.bodies)  # that worker is gone: nobody finishes them
@@ -1062,8 +1093,14 @@ class Spool:
         result: MessageData | None = await self._submit(lambda db: db.source(message_id))
         return result
 
-    async def due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
-        result: list[tuple[str, int, float]] = await self._submit(lambda db: db.due(now, limit))
+    async def due(self, now: float, limit: int, route: str | None = None
+                  ) -> list[tuple[str, int, float]]:
+        result: list[tuple[str, int, float]] = await self._submit(
+            lambda db: db.due(now, limit, route))
+        return result
+
+    async def waiting_by_route(self) -> dict[str, int]:
+        result: dict[str, int] = await self._submit(lambda db: db.waiting_by_route())
         return result
 
     async def counts(self) -> dict[str, int]:
@@ -1097,8 +1134,9 @@ class Spool:
         result: int = await self._submit(lambda db: db.inbox_size())
         return result
 
-    async def release_auth_deferred(self, now: float) -> int:
-        result: int = await self._submit(lambda db: db.release_auth_deferred(now), write=True)
+    async def release_auth_deferred(self, now: float, route: str | None = None) -> int:
+        result: int = await self._submit(lambda db: db.release_auth_deferred(now, route),
+                                         write=True)
         return result
 
     async def check_writable(self) -> bool:

@@ -46,6 +46,10 @@ class Endpoint:
                 return value
         return None
 
+    def values(self, name: str) -> list[float]:
+        """Every sample of ``name``: one per upstream for the ``upstream``-labelled series."""
+        return [value for _, value in self.samples.get(name, [])]
+
     def label(self, name: str, label: str) -> str | None:
         for sample_labels, _ in self.samples.get(name, []):
             if label in sample_labels:
@@ -185,11 +189,12 @@ def _from_metrics(status: Status, endpoints: list[Endpoint], now: float) -> None
                                    for e in endpoints)) for state in STATES}
     status.oldest_age_seconds = max((e.value("relay_queue_oldest_age_seconds") or 0.0)
                                     for e in endpoints)
-    ups = [e.value("relay_upstream_up") for e in endpoints]
-    status.upstream_up = all(v == 1 for v in ups) if None not in ups else None
-    auth = [e.value("relay_upstream_auth_ok") for e in endpoints]
-    status.upstream_auth_ok = all(v == 1 for v in auth) if None not in auth else None
-    status.upstream_connections = int(sum(e.value("relay_upstream_connections_open") or 0
+    # Up and accepted only when every upstream of every worker is.
+    ups = [e.values("relay_upstream_up") for e in endpoints]
+    status.upstream_up = all(v == 1 for vs in ups for v in vs) if all(ups) else None
+    auth = [e.values("relay_upstream_auth_ok") for e in endpoints]
+    status.upstream_auth_ok = all(v == 1 for vs in auth for v in vs) if all(auth) else None
+    status.upstream_connections = int(sum(sum(e.values("relay_upstream_connections_open"))
                                           for e in endpoints))
     deliveries = [v for e in endpoints if (v := e.value("relay_last_delivery_timestamp_seconds"))]
     status.last_delivery = max(deliveries) if deliveries else None

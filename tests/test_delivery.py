@@ -357,7 +357,7 @@ def test_scripted_unknown_outcome_waits_at_least_retry_max(config: Config) -> No
             await spool_one(delivery, "MAYBE")
             deferred = await settled(spool, "MAYBE", ("deferred",))
             value = delivery.metrics.registry.get_sample_value(
-                "relay_upstream_unknown_outcomes_total")
+                "relay_upstream_unknown_outcomes_total", {"upstream": "default"})
             return deferred, value or 0.0
 
     deferred, unknown = asyncio.run(scenario())

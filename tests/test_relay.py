@@ -363,7 +363,7 @@ def test_metrics_and_health_endpoints(fake_upstream, start_relay):
     wait_until(lambda: spool_messages(relay, ("delivered",)), what="delivered")
     metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
     assert 'relay_messages_accepted_total{listener="local"} 1.0' in metrics
-    assert 'relay_delivery_attempts_total{state="delivered"} 1.0' in metrics
+    assert 'relay_delivery_attempts_total{state="delivered",upstream="default"} 1.0' in metrics
     assert 'relay_queue_messages{state="delivered"} 1.0' in metrics
     assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
     ready = urllib.request.urlopen(base + "/readyz", timeout=5)

@@ -250,6 +250,6 @@ def test_a_connection_lost_after_data_is_an_unknown_outcome(
 
 def _metric(relay: ThreadRelay, name: str) -> float:
     text = relay.server.metrics.render().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    match = re.search(rf'^{name}{{upstream="default"}} (\S+)$', text, re.MULTILINE)
     assert match is not None, f"{name} not exported"
     return float(match.group(1))

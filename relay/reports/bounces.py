@@ -9,48 +9,15 @@ bounce sender) and writes the DSN.
 
 from __future__ import annotations
 
-import importlib
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, cast
 
 from prometheus_client import Counter
 
+from relay import dsn
 from relay.headers import HeaderBlock
 from relay.infobip.headers import NOTIFY_URL
 from relay.listener import new_queue_id
 from relay.spool import Failed, Generated, QueuedMessage
-
-
-class _DsnModule(Protocol):
-    """relay.dsn, as this module uses it."""
-
-    Failure: Callable[..., Any]
-    REPORT_DIAGNOSTIC_TYPE: str
-
-    def may_bounce(self, *, mail_from: str, header_block: bytes, bounce_sender: str) -> bool:
-        ...
-
-    def status_for_report(self, group: str, error_name: str | None, permanent: bool) -> str:
-        ...
-
-    def diagnostic_for_report(self, status_name: str, error_name: str | None = None,
-                              error_id: int | str | None = None,
-                              description: str | None = None) -> str:
-        ...
-
-    def status_from_reply(self, reply: str) -> str:
-        ...
-
-    def build_dsn(self, *, queue_id: str, original_mail_from: str, original_headers: bytes,
-                  failures: Sequence[Any], bounce_sender: str, reporting_mta: str,
-                  arrival_date: float, now: float) -> bytes:
-        ...
-
-
-def load_dsn() -> _DsnModule:
-    """relay.dsn (ImportError when this build has none)."""
-    return cast(_DsnModule, importlib.import_module("relay.dsn"))
 
 
 class DsnBouncer:
@@ -60,11 +27,9 @@ class DsnBouncer:
         self.sender = sender
         self.reporting_mta = reporting_mta
         self.sent = sent
-        self._dsn = load_dsn()
 
     def __call__(self, message: QueuedMessage, headers: bytes, failed: list[Failed]
                  ) -> Generated | None:
-        dsn = self._dsn
         if not dsn.may_bounce(mail_from=message.mail_from, header_block=headers,
                               bounce_sender=self.sender):
             return None
@@ -78,9 +43,9 @@ class DsnBouncer:
         self.sent.inc()
         return Generated(new_queue_id(), self.sender, (message.mail_from,), data)
 
-    def _failure(self, failed: Failed) -> Any:
-        """relay.dsn's Failure: the status code and Diagnostic-Code for one recipient."""
-        dsn = self._dsn
+    @staticmethod
+    def _failure(failed: Failed) -> dsn.Failure:
+        """The status code and Diagnostic-Code for one recipient."""
         report = failed.report
         if report is not None:
             status = dsn.status_for_report(report.group, report.error, report.permanent)

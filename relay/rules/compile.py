@@ -36,6 +36,7 @@ from relay.rules.model import (
     SizeCondition,
     Template,
 )
+from relay.rules.sender import compile_rewrite
 from relay.settings import (
     Section,
     boolean,
@@ -48,7 +49,7 @@ from relay.settings import (
 )
 from relay.units import parse_size
 
-_RULE_KEYS = ("name", "when", "set", "default", "remove", "stop")
+_RULE_KEYS = ("name", "when", "set", "default", "remove", "stop", "route", "rewrite")
 _WHEN_KEYS = (
     "mail_from",
     "header_from",
@@ -72,6 +73,8 @@ _SAMPLE_VALUES = {
     "mail_from": "sender@example.com",
     "mail_from_domain": "example.com",
     "header_from_domain": "example.com",
+    "header_from_name": "Sender Name",
+    "header_from_local": "sender",
     "auth_user": "app",
     "listener": "default",
     "client_ip": "192.0.2.10",
@@ -115,7 +118,9 @@ def _compile_rule(item: object, index: int, path: str) -> Rule:
     where = rule_path(path, index, raw_name)
     if not isinstance(item, dict):
         raise ConfigError(
-            where, f"must be a mapping with when/set/default/remove/stop, got {describe(item)}"
+            where,
+            "must be a mapping with when/set/default/remove/stop/route/rewrite, got "
+            f"{describe(item)}",
         )
     section = Section(item, where, model=Rule, keys=_RULE_KEYS)
     rule = Rule(
@@ -126,9 +131,13 @@ def _compile_rule(item: object, index: int, path: str) -> Rule:
         default=_compile_header_values(section.get("default"), section.at("default")),
         remove=_compile_remove(section.get("remove"), section.at("remove")),
         stop=section.convert("stop", boolean),
+        route=section.convert("route", _route_name),
+        rewrite=compile_rewrite(section.get("rewrite"), section.at("rewrite"), _SAMPLE_VALUES),
     )
-    if not (rule.set or rule.default or rule.remove or rule.stop):
-        raise ConfigError(where, "needs at least one action: set, default, remove or stop: true")
+    if not (rule.set or rule.default or rule.remove or rule.stop or rule.route or rule.rewrite):
+        raise ConfigError(
+            where, "needs at least one action: set, default, remove, route, rewrite or stop: true"
+        )
     _check_set_default_overlap(rule, where)
     _check_one_click_rule(rule, where)
     return rule
@@ -139,6 +148,13 @@ def _rule_name(raw: object, index: int, where: str) -> str:
         return default_rule_name(index)
     if not isinstance(raw, str) or not raw.strip():
         raise ConfigError(where, "must be a non-empty string")
+    return raw.strip()
+
+
+def _route_name(raw: object) -> str:
+    # Whether the name is configured is checked by relay.config, which knows the upstreams.
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"must be the name of an upstream, got {describe(raw)}")
     return raw.strip()
 
 

@@ -9,7 +9,11 @@ Evaluation order for one message (``apply_rules``):
 4. within one rule: ``remove`` first, then ``set``, then ``default``, and
    ``List-Unsubscribe-Post`` last, and only when the message then carries an https
    ``List-Unsubscribe`` (RFC 8058);
-5. the header block is serialised once; the body is never copied into anything but the
+5. ``route``: the last matching rule that has one chooses the upstream (none: ``default``);
+   ``rewrite`` (last in a rule): Reply-To and From are edited like headers, so later rules
+   see them; the envelope sender of the last matching ``rewrite.mail_from`` is only reported
+   in the outcome, so ``mail_from`` conditions always see the client's address;
+6. the header block is serialised once; the body is never copied into anything but the
    result, and when nothing changed the original ``data`` object is returned.
 
 Applying the same rules to their own output changes nothing (``set`` replaces in place,
@@ -20,8 +24,9 @@ no condition tests a header that the rules themselves write.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
-from relay.envelope import MessageContext
+from relay.envelope import DEFAULT_UPSTREAM, MessageContext
 from relay.headers import HeaderBlock
 from relay.infobip.headers import (
     LIST_UNSUBSCRIBE,
@@ -31,7 +36,8 @@ from relay.infobip.headers import (
     is_schema_header,
     validate_header_value,
 )
-from relay.rules.model import Facts, HeaderValue, Rule, RulesOutcome
+from relay.rules.model import Facts, HeaderValue, Rule, RulesOutcome, lookup_template_value
+from relay.rules.sender import SenderRewrite, reply_to_field
 
 CLIENT_HEADER_POLICIES = ("keep", "fix", "strip")
 
@@ -43,6 +49,10 @@ class _Edits:
     fixed: int = 0
     dropped: int = 0
     warnings: list[str] = field(default_factory=list)
+    route: str = DEFAULT_UPSTREAM
+    mail_from: str | None = None
+    # The From header before any rule rewrote it: what ``reply_to: original`` points back to.
+    original_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +96,13 @@ def evaluate(
     """``apply_rules``, also returning how each rule fared (for the ``rules test`` report)."""
     if client_headers not in CLIENT_HEADER_POLICIES:
         raise ValueError(f"client_headers must be one of {', '.join(CLIENT_HEADER_POLICIES)}")
-    if not rules and client_headers == "keep":
+    if not rules and client_headers == "keep":  # nothing to do: not even a route
         return RulesOutcome(data, (), (), 0, 0, ()), []
     block, offset = HeaderBlock.parse(data)
     edits = _Edits()
     _apply_client_policy(block, client_headers, edits)
+    if any(rule.rewrite is not None for rule in rules):
+        edits.original_from = block.get("From")
     traces = _run_rules(rules, Facts(ctx, block), edits, explain)
     head = block.to_bytes()
     result = data if head == block.original else head + data[offset:]
@@ -101,6 +113,8 @@ def evaluate(
         fixed=edits.fixed,
         dropped=edits.dropped,
         warnings=tuple(edits.warnings),
+        route=edits.route,
+        mail_from=edits.mail_from,
     )
     return outcome, traces
 
@@ -128,6 +142,8 @@ def _run_rules(rules: tuple[Rule, ...], facts: Facts, edits: _Edits, explain: bo
 
 
 def _apply_actions(rule: Rule, facts: Facts, edits: _Edits) -> None:
+    if rule.route is not None:
+        edits.route = rule.route  # the last matching rule with a route wins
     block = facts.headers
     for glob in rule.remove:
         block.remove(glob)
@@ -146,6 +162,28 @@ def _apply_actions(rule: Rule, facts: Facts, edits: _Edits) -> None:
                 f"rule {rule.name!r}: {LIST_UNSUBSCRIBE_POST} not added, the message has no"
                 f" https {LIST_UNSUBSCRIBE} (RFC 8058)"
             )
+    if rule.rewrite is not None:
+        _rewrite_sender(rule, rule.rewrite, facts, edits)
+
+
+def _rewrite_sender(rule: Rule, rewrite: SenderRewrite, facts: Facts, edits: _Edits) -> None:
+    """Envelope sender (applied after all rules), Reply-To, then From (see relay.rules.sender).
+
+    The envelope sender changes in the outcome only: the ``mail_from`` conditions of later
+    rules, like ``allowed_senders`` before them, see the address the client gave.
+    """
+    if rewrite.mail_from is not None:
+        edits.mail_from = rewrite.mail_from
+    block = facts.headers
+    if rewrite.reply_to_original and edits.original_from and not block.has("Reply-To"):
+        block.set_field("Reply-To", reply_to_field(edits.original_from))
+    if rewrite.header_from is None:
+        return
+    try:
+        block.set_field("From", rewrite.header_from.render(
+            partial(lookup_template_value, facts)))
+    except ValueError as error:
+        edits.warnings.append(f"rule {rule.name!r}: From not rewritten: {error}")
 
 
 def _write_header(

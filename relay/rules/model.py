@@ -14,14 +14,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
+from email.policy import SMTP
 from functools import partial
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from relay.envelope import MessageContext
+from relay.envelope import DEFAULT_UPSTREAM, MessageContext
 from relay.headers import HeaderBlock
 from relay.infobip.headers import ANGLE_URI, validate_header_value
 from relay.netaddr import IPNetwork, network_of
 from relay.units import format_size
+
+if TYPE_CHECKING:  # sender builds on this module's templates and facts
+    from relay.rules.sender import SenderRewrite
 
 TEMPLATE_FIELDS = (
     "date",
@@ -30,6 +34,8 @@ TEMPLATE_FIELDS = (
     "mail_from",
     "mail_from_domain",
     "header_from_domain",
+    "header_from_name",
+    "header_from_local",
     "auth_user",
     "listener",
     "client_ip",
@@ -39,6 +45,7 @@ TEMPLATE_FIELDS = (
 _UNSAFE_IN_VALUES = dict.fromkeys([*range(0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)])
 _TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _COMMENT = re.compile(r"\([^()]*\)")
+_FROM_POLICY = SMTP
 
 
 # --- per-message facts ---------------------------------------------------------------------
@@ -82,6 +89,28 @@ def _header_from(facts: Facts) -> tuple[str, ...] | None:
     return None if value is None else (_address_in(value),)
 
 
+def from_mailbox(value: str | None) -> tuple[str, str]:
+    """(display name, address) of a From value: encoded words and quoting undone, UTF-8 kept.
+
+    Parsed with the email package's RFC 5322 parser, which also decodes RFC 2047 names; a
+    value it finds no mailbox in gives ``("", "")``.
+    """
+    if not value:
+        return "", ""
+    try:
+        parsed = _FROM_POLICY.header_factory("From", value)
+        mailbox = parsed.addresses[0] if parsed.addresses else None
+    except (HeaderParseError, IndexError, LookupError, TypeError, ValueError):
+        mailbox = None
+    if mailbox is None:
+        return "", ""
+    return str(mailbox.display_name), str(mailbox.addr_spec)
+
+
+def _from_part(index: int, facts: Facts) -> str:
+    return from_mailbox(facts.headers.get("From"))[index]
+
+
 def _subject(facts: Facts) -> tuple[str, ...] | None:
     raw = facts.headers.get("Subject")
     if raw is None:
@@ -106,6 +135,8 @@ _TEMPLATE_VALUES: dict[str, Callable[[Facts], str]] = {
     "mail_from": lambda facts: facts.ctx.mail_from,
     "mail_from_domain": lambda facts: _domain_of(facts.ctx.mail_from),
     "header_from_domain": lambda facts: _domain_of((_header_from(facts) or ("",))[0]),
+    "header_from_name": partial(_from_part, 0),
+    "header_from_local": lambda facts: _from_part(1, facts).rpartition("@")[0],
     "auth_user": lambda facts: facts.ctx.auth_user or "",
     "listener": lambda facts: facts.ctx.listener,
     "client_ip": lambda facts: facts.ctx.client_ip,
@@ -318,11 +349,12 @@ class HeaderValue:
         """The value for this message; ValueError if a filled-in template is invalid."""
         if self.template is None:
             return self.value
-        lookup = partial(_lookup_template_value, facts)
+        lookup = partial(lookup_template_value, facts)
         return validate_header_value(self.name, self.template.render(lookup))
 
 
-def _lookup_template_value(facts: Facts, name: str) -> str:
+def lookup_template_value(facts: Facts, name: str) -> str:
+    """The value of placeholder ``name`` for this message."""
     return _TEMPLATE_VALUES[name](facts)
 
 
@@ -341,6 +373,8 @@ class Rule:
     default: tuple[HeaderValue, ...] = ()
     remove: tuple[str, ...] = ()
     stop: bool = False
+    route: str | None = None  # the named upstream (checked against the config's upstreams)
+    rewrite: SenderRewrite | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,3 +387,7 @@ class RulesOutcome:
     fixed: int
     dropped: int
     warnings: tuple[str, ...]
+    # The upstream chosen by the last matching rule with ``route``.
+    route: str = DEFAULT_UPSTREAM
+    # The envelope sender set by the last matching ``rewrite.mail_from`` (None: unchanged).
+    mail_from: str | None = None

@@ -33,9 +33,22 @@ def render_rules_report(
         lines.extend(_trace_lines(trace))
     if outcome.warnings:
         lines.extend(["", "Warnings:", *(f"  - {warning}" for warning in outcome.warnings)])
+    lines.extend(["", f"Route: {_route_line(rules, traces, outcome.route)}"])
+    if outcome.mail_from is not None:
+        lines.append(f"Envelope sender: {outcome.mail_from} (rewritten from "
+                     f"{ctx.mail_from or '<>'})")
     head = HeaderBlock.parse(outcome.data)[0].to_bytes()
     lines.extend(["", "Resulting headers:", _printable_headers(head)])
     return "\n".join(lines) + "\n"
+
+
+def _route_line(rules: tuple[Rule, ...], traces: list[Trace], route: str) -> str:
+    chosen_by = [trace.rule.name for trace in traces
+                 if trace.status == "matched" and trace.rule.route is not None]
+    if chosen_by:
+        return f"upstream {route!r} (rule {chosen_by[-1]!r})"
+    routing = any(rule.route is not None for rule in rules)
+    return f"upstream {route!r} ({'no matching rule routes it' if routing else 'no rule routes'})"
 
 
 def _trace_lines(trace: Trace) -> list[str]:
@@ -58,6 +71,10 @@ def _describe_actions(rule: Rule) -> str:
     parts = [f"remove {glob}" for glob in rule.remove]
     parts += [f"set {entry.name}: {entry.value}" for entry in rule.set]
     parts += [f"default {entry.name}: {entry.value}" for entry in rule.default]
+    if rule.route is not None:
+        parts.append(f"route {rule.route}")
+    if rule.rewrite is not None:
+        parts.append(rule.rewrite.describe())
     if rule.stop:
         parts.append("stop")
     return "; ".join(parts)
