@@ -280,3 +280,12 @@ def test_bad_proxy_values_name_their_key(tmp_path: Path, text: str, path: str) -
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, text + "\n")
     assert info.value.path == path, str(info.value)
+
+
+def test_the_readme_proxy_example_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = [part.split("```")[0] for part in readme.split("```yaml\n")[1:]]
+    [block] = [b for b in blocks if "proxy_protocol: true" in b]
+    config = _load(tmp_path, block)
+    assert config.listeners[0].proxy_protocol  # type: ignore[attr-defined]
+    assert config.access.is_trusted_proxy("10.0.5.10")  # type: ignore[attr-defined]
