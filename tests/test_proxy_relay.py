@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -310,3 +311,36 @@ def test_a_failed_handshake_after_the_header_is_one_log_line(proxied_relay, capl
     records = [r for r in caplog.records if "failed before SMTP" in r.getMessage()]
     assert len(records) == 1 and records[0].exc_info is None
     assert f"from {TRUSTED_CLIENT} (via proxy {PROXY})" in records[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds and shutdown
+# ---------------------------------------------------------------------------------------------
+def test_connections_waiting_for_their_header_count_against_max_connections(
+        proxied_relay, caplog):
+    caplog.set_level(logging.INFO, logger="relay")
+    relay = proxied_relay(max_connections=2)
+    waiting = [Raw(relay.address, source=PROXY) for _ in range(2)]  # no header yet
+    try:
+        time.sleep(0.2)
+        with Raw(relay.address, source=PROXY) as third:
+            assert closed_without_greeting(third)
+        [record] = refusals(caplog)
+        assert "too many connections" in record.getMessage()
+    finally:
+        for raw in waiting:
+            raw.close()
+
+
+def test_shutdown_closes_connections_still_waiting_for_a_header(proxied_relay):
+    relay = proxied_relay()
+    with Raw(relay.address, source=PROXY, timeout=10) as raw:
+        time.sleep(0.2)
+        started = time.monotonic()
+        stopping = threading.Thread(target=relay.stop)
+        stopping.start()
+        assert closed_without_greeting(raw)
+        # Closed as the shutdown begins: not left to the 5 s header timeout, nor to the 2 s
+        # that the server waits for its listeners to close.
+        assert time.monotonic() - started < 1.5
+        stopping.join(30)
