@@ -226,7 +226,9 @@ async def read_header(sock: socket.socket) -> ProxyHeader:
     loop = asyncio.get_running_loop()
     parser = ProxyHeaderParser()
     while True:
-        peeked = await _peek(loop, sock, parser.wanted)
+        # Peeking past the header is harmless (only the header's part is consumed below) and
+        # takes a whole v1 line at once, where `wanted` would go two octets at a time.
+        peeked = await _peek(loop, sock, max(parser.wanted, V1_MAX))
         if not peeked:
             raise ProxyHeaderError("connection closed before a complete PROXY header")
         header = parser.feed(peeked)
