@@ -24,6 +24,7 @@ from relay.httpserver import HTTPServer, health_app
 from relay.listener import ListenerState, protocol_factory
 from relay.metrics import Metrics
 from relay.pidfile import remove_pid, write_pid
+from relay.proxyserver import ProxyListener
 from relay.reports.bounces import DsnBouncer
 from relay.reports.pull import ReportPoller
 from relay.reports.sink import ReportSink
@@ -67,7 +68,7 @@ class Server:
         self.webhook_port: int | None = None
         self.reports: ReportSink | None = None
         self.poller: ReportPoller | None = None
-        self.listeners: list[asyncio.Server] = []
+        self.listeners: list[asyncio.Server | ProxyListener] = []
         self.bound: dict[str, tuple[str, int]] = {}
         self.metrics_port: int | None = None
         self.on_ready: Callable[[], None] | None = None
@@ -258,11 +259,16 @@ class Server:
         for listener in config.listeners:
             implicit = self.state.tls_contexts.get(listener.name) \
                 if listener.tls == "implicit" else None
+            server: asyncio.Server | ProxyListener
             try:
-                server = await loop.create_server(protocol_factory(listener, self.state),
-                                                  listener.address, listener.port,
-                                                  ssl=implicit, backlog=1024,
-                                                  reuse_port=self.supervised or None)
+                if listener.proxy_protocol:  # the PROXY header comes before TLS and SMTP
+                    server = await ProxyListener.start(listener, self.state,
+                                                       reuse_port=self.supervised)
+                else:
+                    server = await loop.create_server(protocol_factory(listener, self.state),
+                                                      listener.address, listener.port,
+                                                      ssl=implicit, backlog=1024,
+                                                      reuse_port=self.supervised or None)
             except OSError as exc:
                 raise StartupError(f"listener {listener.name!r} cannot bind "
                                    f"{listener.address}:{listener.port}: {exc.strerror}") from exc
@@ -359,8 +365,10 @@ class Server:
 def _warn_unreloadable(old: Config, new: Config) -> None:
     if old.listeners != new.listeners:
         for before, after in zip(old.listeners, new.listeners, strict=False):
-            if (before.address, before.port, before.tls) != (after.address, after.port, after.tls):
-                log.warning("listener addresses, ports and TLS modes change only on restart")
+            if (before.address, before.port, before.tls, before.proxy_protocol) != \
+                    (after.address, after.port, after.tls, after.proxy_protocol):
+                log.warning("listener addresses, ports, TLS modes and proxy_protocol change only "
+                            "on restart")
                 break
     if old.queue.path != new.queue.path:
         log.warning("queue.path changes only on restart")

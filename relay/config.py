@@ -105,6 +105,8 @@ class ListenerConfig:
     auth: ListenerAuth = "none"
     client_headers: str = "fix"
     allowed_senders: tuple[str, ...] = ()
+    # Every connection starts with a PROXY v1/v2 header from one of access.trusted_proxies.
+    proxy_protocol: bool = False
 
     @property
     def is_loopback(self) -> bool:
@@ -132,9 +134,14 @@ class AccessConfig:
     # send it as null_sender_address.
     null_sender: NullSender = "refuse"
     null_sender_address: str | None = None
+    # Peers allowed to send PROXY headers on proxy_protocol listeners (and only those).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
     def is_trusted(self, ip: str) -> bool:
         return network_of(ip, self.trusted_networks) is not None
+
+    def is_trusted_proxy(self, ip: str) -> bool:
+        return network_of(ip, self.trusted_proxies) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +392,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
         grace_period=grace, workers=workers, source=source, upstreams=upstreams,
     )
     _check_relay_policy(config)
+    _check_proxy_protocol(config)
     return config
 
 
@@ -443,6 +451,7 @@ def _build_access(raw: object, env: Mapping[str, str]) -> AccessConfig:
         command_timeout=section.convert("command_timeout", parse_duration),
         data_timeout=section.convert("data_timeout", parse_duration),
         allow_open_relay=section.convert("allow_open_relay", boolean),
+        trusted_proxies=section.convert("trusted_proxies", networks),
         **_null_sender_policy(section),
     )
     section.finish()
@@ -511,6 +520,7 @@ def _build_listener(raw: object, path: str, base_dir: Path | None) -> ListenerCo
     auth = cast(ListenerAuth, section.convert("auth", choice(*get_args(ListenerAuth))))
     client_headers = section.convert("client_headers", choice(*CLIENT_HEADER_POLICIES))
     allowed = section.convert("allowed_senders", string_list)
+    proxy_protocol = section.convert("proxy_protocol", boolean)
     section.finish()
     if tls != "none":
         _check_certificate(certificate, private_key, path)
@@ -519,7 +529,7 @@ def _build_listener(raw: object, path: str, base_dir: Path | None) -> ListenerCo
                                                      "or tls: implicit")
     return ListenerConfig(name=name, address=address, port=port, tls=tls, certificate=certificate,
                           private_key=private_key, auth=auth, client_headers=client_headers,
-                          allowed_senders=allowed)
+                          allowed_senders=allowed, proxy_protocol=proxy_protocol)
 
 
 def _check_certificate(certificate: Path | None, private_key: Path | None, path: str) -> None:
@@ -891,6 +901,18 @@ def _check_relay_policy(config: Config) -> None:
             raise ConfigError(path, f"listener {listener.name!r} binds {listener.address} but only "
                                     "loopback clients are trusted and auth is none: set "
                                     "access.trusted_networks (e.g. 10.0.0.0/8) or auth: required")
+
+
+def _check_proxy_protocol(config: Config) -> None:
+    """A PROXY listener with no trusted proxy would refuse every connection: say so at load."""
+    if config.access.trusted_proxies:
+        return
+    for index, listener in enumerate(config.listeners):
+        if listener.proxy_protocol:
+            raise ConfigError(f"{item_path('listeners', index)}.proxy_protocol",
+                              f"listener {listener.name!r} expects PROXY headers, but "
+                              "access.trusted_proxies is empty: list the addresses of the "
+                              "proxies (e.g. [10.0.5.10/32]), or set proxy_protocol: false")
 
 
 # IANA special-purpose IPv4 ranges (RFC 6890 and successors): no public client comes from them.

@@ -223,7 +223,7 @@ class RelaySMTP(SMTP):
     """aiosmtpd's protocol with the relay's limits, enhanced status codes and strict addresses."""
 
     def __init__(self, handler: RelayHandler, state: ListenerState, listener: ListenerConfig,
-                 **kwargs: Any) -> None:
+                 *, origin: str | None = None, counted: bool = True, **kwargs: Any) -> None:
         # Bounds every command line (and so the memory a client can take before AUTH); DATA is
         # read in chunks by _read_data and is bounded by the message size instead.
         self.line_length_limit = COMMAND_LINE_LIMIT
@@ -231,6 +231,11 @@ class RelaySMTP(SMTP):
         self.state = state
         self.listener = _current_listener(state.config, listener)
         self.client_ip = ""
+        # Behind a proxy: the client address its PROXY header carried (else the socket's peer).
+        self._origin = origin
+        # False for a proxy's LOCAL (health-check) connection: no client, so no per-client
+        # limit and no client metrics.
+        self.counted = counted
         self._refused = False
         self._in_ehlo = False
         # Set while MAIL FROM:<> is being rewritten to the configured null-sender address.
@@ -263,7 +268,7 @@ class RelaySMTP(SMTP):
             super().connection_made(transport)
             return
         peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]) if peer else ""
+        self.client_ip = self._origin or (str(peer[0]) if peer else "")
         refusal = self._admission_refusal()
         if refusal is not None:
             self._refused = True
@@ -272,9 +277,11 @@ class RelaySMTP(SMTP):
             transport.close()
             return
         self.state.connections.add(self)
-        self.state.per_client[self.client_ip] = self.state.per_client.get(self.client_ip, 0) + 1
-        self.state.metrics.connections.labels(listener=self.listener.name).inc()
-        self.state.metrics.connections_open.labels(listener=self.listener.name).inc()
+        if self.counted:
+            self.state.per_client[self.client_ip] = self.state.per_client.get(self.client_ip,
+                                                                              0) + 1
+            self.state.metrics.connections.labels(listener=self.listener.name).inc()
+            self.state.metrics.connections_open.labels(listener=self.listener.name).inc()
         super().connection_made(transport)
 
     def _admission_refusal(self) -> str | None:
@@ -283,7 +290,8 @@ class RelaySMTP(SMTP):
             return "shutting_down"
         if len(self.state.connections) >= access.max_connections:
             return "too_many_connections"
-        if self.state.per_client.get(self.client_ip, 0) >= access.max_connections_per_client:
+        if self.counted and \
+                self.state.per_client.get(self.client_ip, 0) >= access.max_connections_per_client:
             return "too_many_connections_from_client"
         return None
 
@@ -292,13 +300,17 @@ class RelaySMTP(SMTP):
             return
         if self in self.state.connections:
             self.state.connections.discard(self)
-            left = self.state.per_client.get(self.client_ip, 1) - 1
-            if left > 0:
-                self.state.per_client[self.client_ip] = left
-            else:
-                self.state.per_client.pop(self.client_ip, None)
-            self.state.metrics.connections_open.labels(listener=self.listener.name).dec()
+            if self.counted:
+                self._uncount()
         super().connection_lost(error)
+
+    def _uncount(self) -> None:
+        left = self.state.per_client.get(self.client_ip, 1) - 1
+        if left > 0:
+            self.state.per_client[self.client_ip] = left
+        else:
+            self.state.per_client.pop(self.client_ip, None)
+        self.state.metrics.connections_open.labels(listener=self.listener.name).dec()
 
     def _timeout_cb(self) -> None:
         transport = self.transport
@@ -872,17 +884,25 @@ def size_limit(configured: int, upstream: int | None) -> int:
 
 
 ProtocolFactory = Callable[[], RelaySMTP]
+# (the client address a PROXY header carried, whether it is a client) -> the protocol.
+SessionFactory = Callable[[str | None, bool], RelaySMTP]
 
 
 def protocol_factory(listener: ListenerConfig, state: ListenerState) -> ProtocolFactory:
     """Build the per-connection protocol factory for ``loop.create_server``."""
+    new = session_factory(listener, state)
+    return lambda: new(None, True)
+
+
+def session_factory(listener: ListenerConfig, state: ListenerState) -> SessionFactory:
+    """The factory with the client's address and kind given (behind a proxy: relay.proxyserver)."""
     handler = RelayHandler(listener, state)
 
-    def factory() -> RelaySMTP:
+    def factory(origin: str | None, counted: bool) -> RelaySMTP:
         config = state.config
         starttls = state.tls_contexts.get(listener.name) if listener.tls == "starttls" else None
         return RelaySMTP(
-            handler, state, listener,
+            handler, state, listener, origin=origin, counted=counted,
             data_size_limit=size_limit(config.access.max_message_size,
                                        state.sink.upstream_max_size),
             enable_SMTPUTF8=True,
