@@ -176,13 +176,14 @@ def test_helpers() -> None:
     assert percentile([float(n) for n in range(1, 101)], 0.99) == 99.0
     assert latency_stats([0.001, 0.002])["p50_ms"] == 1.0
     assert CaseCount(expected=3, received=3, unique=3).ok
-    results = {"meta": {"cases": [{"name": "small", "messages": 1, "size": 10}], "rounds": 1},
-               "rounds": [{"round": 1,
-                           "relay": {"cases": {"small": {"accepted_rate": 200.0, "ok": True}},
-                                     "idle": {}},
-                           "postfix": {"cases": {"small": {"accepted_rate": 100.0, "ok": True}},
-                                       "idle": {}}}],
-               "failures": []}
+    results: dict[str, Any] = {
+        "meta": {"cases": [{"name": "small", "messages": 1, "size": 10}], "rounds": 1},
+        "rounds": [{"round": 1,
+                    "relay": {"cases": {"small": {"accepted_rate": 200.0, "ok": True}},
+                              "idle": {}},
+                    "postfix": {"cases": {"small": {"accepted_rate": 100.0, "ok": True}},
+                                "idle": {}}}],
+        "failures": []}
     summary = summarize(results)
     assert summary["ratios"]["small"]["accepted_rate"]["median"] == 2.0
     assert "relay/postfix" in format_table(results)
