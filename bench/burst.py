@@ -173,6 +173,8 @@ def run_system(name: str, number: int, root: Path, sink: SinkCluster, ca_file: P
         # from the moment every upload had its 250 (the burst is over for the clients)
         below = next((t - result["accepted_s"] for t, rss, _ in timeline
                       if t >= result["accepted_s"] and rss < opts.rss_target_mib), None)
+        below_pss = next((t - result["accepted_s"] for t, _, pss in timeline
+                          if t >= result["accepted_s"] and pss < opts.rss_target_mib), None)
         problems = []
         if result["large_error_count"]:
             problems.append(f"{result['large_error_count']} uploads failed: "
@@ -192,6 +194,7 @@ def run_system(name: str, number: int, root: Path, sink: SinkCluster, ca_file: P
             "after_rss_mib": round(after.rss_kib / 1024, 1),
             "after_pss_mib": round(after.pss_kib / 1024, 1),
             "below_target_s": round(below, 1) if below is not None else None,
+            "below_target_pss_s": round(below_pss, 1) if below_pss is not None else None,
             "delivered_s": round(delivered_at - started, 2) if complete else None,
             **result,
             "delivered": counted.unique,
@@ -218,6 +221,7 @@ ROWS: tuple[tuple[str, str], ...] = (
     ("RSS MiB {settle}s after delivery", "after_rss_mib"),
     ("PSS MiB {settle}s after delivery", "after_pss_mib"),
     ("s from accept-all to RSS < {target} MiB", "below_target_s"),
+    ("s from accept-all to PSS < {target} MiB", "below_target_pss_s"),
     ("s to accept all", "accepted_s"),
     ("s until all delivered", "delivered_s"),
     ("delivered (sink, unique)", "delivered"),
