@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     run = commands.add_parser("run", help="run the benchmark (default)")
     run.add_argument("--quick", action="store_true",
-                     help="short smoke run: 2 rounds, 300 x 2 KiB, 10 x 1 MiB")
+                     help="short smoke run: 2 rounds, 300 x 2 KiB, 10 x 1 MiB, 4 x 10 MiB, "
+                          "a mix of 100")
     run.add_argument("--rounds", type=_positive, help="A/B rounds (default 3; --quick 2)")
     run.add_argument("--messages", type=_positive,
                      help="2 KiB messages per round (default 5000; --quick 300)")
@@ -33,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--large-messages", type=_positive,
                      help="1 MiB messages per round (default 100; --quick 10; 0 skips)")
     run.add_argument("--large-size", type=_positive, default=1024 * 1024)
+    run.add_argument("--huge-messages", type=_positive,
+                     help="10 MiB messages per round (default 20; --quick 4; 0 skips)")
+    run.add_argument("--huge-size", type=_positive, default=10 * 1024 * 1024)
+    run.add_argument("--mix-messages", type=_positive,
+                     help="messages of the realistic mix per round: 70%% 4 KiB, 25%% 150 KiB, "
+                          "2.5%% 2 MiB, 1.5%% 5 MiB, 1%% 10 MiB (default 1000; --quick 100; "
+                          "0 skips)")
     run.add_argument("--sessions", type=_positive, default=20, help="smtp-source -s")
     run.add_argument("--systems", default="relay,postfix",
                      help="comma-separated, in A/B order (default relay,postfix)")
@@ -115,6 +123,11 @@ def _run(args: argparse.Namespace) -> int:
         large_messages=(args.large_messages if args.large_messages is not None
                         else (10 if quick else 100)),
         large_size=args.large_size,
+        huge_messages=(args.huge_messages if args.huge_messages is not None
+                       else (4 if quick else 20)),
+        huge_size=args.huge_size,
+        mix_messages=(args.mix_messages if args.mix_messages is not None
+                      else (100 if quick else 1000)),
         sessions=args.sessions,
         systems=systems,
         connections=args.connections,

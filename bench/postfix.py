@@ -14,7 +14,10 @@ Relay setup (mirrors the relay's bench config):
   (``smtp_tls_wrappermode = yes``, ``smtp_tls_security_level = encrypt``) with AUTH PLAIN
   (``smtp_sasl_*``, texthash password map);
 * ``check_sender_access`` PREPENDs ``X-IB-Client-Priority: LOW`` for the sender domain;
-* ``smtp_destination_concurrency_limit`` = the relay's ``upstream.connections``.
+* ``smtp_destination_concurrency_limit`` = the relay's ``upstream.connections``;
+* ``message_size_limit`` = the relay's 20 MiB (Postfix's default is 10,240,000 bytes);
+* ``default_process_limit`` 100 (the default; caps the smtpd processes, i.e. concurrent
+  client sessions; the burst raises it to its client count + 20).
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ class PostfixConfig:
     concurrency: int = 8
     process_limit: int = 100
     tls_reuse: bool = False
-    message_size_limit: int = 30 * 1024 * 1024
+    # The relay's limit: its default, and Infobip's EHLO SIZE (20 MiB). Postfix's own default
+    # (10,240,000 bytes) would refuse the 10 MiB messages.
+    message_size_limit: int = 20 * 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)
 
 

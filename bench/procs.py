@@ -185,6 +185,8 @@ class MemorySampler:
     peak_pss_kib: int = 0
     peak_processes: int = 0
     samples: int = 0
+    record: bool = False  # keep every sample in ``timeline``
+    timeline: list[tuple[float, int, int]] = field(default_factory=list)  # monotonic, RSS, PSS
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -205,6 +207,8 @@ class MemorySampler:
         self.peak_rss_kib = max(self.peak_rss_kib, sample.rss_kib)
         self.peak_pss_kib = max(self.peak_pss_kib, sample.pss_kib)
         self.peak_processes = max(self.peak_processes, sample.processes)
+        if self.record:
+            self.timeline.append((time.monotonic(), sample.rss_kib, sample.pss_kib))
 
     def _run(self) -> None:
         while not self._stop.is_set():

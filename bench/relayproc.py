@@ -66,7 +66,7 @@ class RelayProcess:
         settings: dict[str, Any] = {
             "listeners": [{"name": "bench", "address": "127.0.0.1", "port": c.port,
                            "tls": "none"}],
-            "access": {"trusted_networks": ["127.0.0.0/8"], "max_message_size": "30MiB",
+            "access": {"trusted_networks": ["127.0.0.0/8"], "max_message_size": "20MiB",
                        "max_recipients": 100, "max_connections": c.max_connections,
                        "max_connections_per_client": c.max_connections_per_client},
             "upstream": {"host": "127.0.0.1", "port": c.sink_port, "tls": "implicit",

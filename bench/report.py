@@ -17,6 +17,7 @@ METRICS: dict[str, tuple[tuple[str, ...], str, str, bool]] = {
     "peak_rss_mib": (("peak_rss_kib",), "peak RSS", "MiB", False),
     "peak_pss_mib": (("peak_pss_kib",), "peak PSS", "MiB", False),
     "cpu_s": (("cpu_s",), "CPU", "s", False),
+    "e2e_mib_s": (("e2e_mib_s",), "end-to-end", "MiB/s", True),  # absent before the mix
 }
 
 
@@ -115,11 +116,10 @@ def format_table(results: dict[str, Any]) -> str:
              "cpu_s")
     header = f"{'case':<7}{'system':<18}" + "".join(
         f"{METRICS[m][1] + ' ' + METRICS[m][2]:>17}" for m in shown)
-    for case in [c["name"] for c in meta.get("cases", [])]:
-        size = next((c["size"] for c in meta["cases"] if c["name"] == case), 0)
-        messages = next((c["messages"] for c in meta["cases"] if c["name"] == case), 0)
+    for described in meta.get("cases", []):
+        case = described["name"]
         lines.append("")
-        lines.append(f"{case}: {messages} messages x {size} B (medians over the rounds that "
+        lines.append(f"{case}: {describe_case(described)} (medians over the rounds that "
                      f"passed)")
         lines.append(header)
         rows: list[tuple[str, dict[str, Any]]] = []
@@ -166,13 +166,57 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _size(size: int) -> str:
+    for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} B"
+
+
+def describe_case(case: dict[str, Any]) -> str:
+    """``meta.cases`` entry -> "100 messages x 1 MiB" or, for a mix, its parts and probe."""
+    parts = case.get("parts") or [{"messages": case["messages"], "size": case["size"]}]
+    if len(parts) == 1:
+        return f"{parts[0]['messages']} messages x {_size(parts[0]['size'])}"
+    text = " + ".join(f"{part['messages']} x {_size(part['size'])}" for part in parts)
+    return (f"{case['messages']} messages: {text} ({case.get('bytes', 0) / 1024 / 1024:.0f} MiB;"
+            f" probe {_size(case.get('probe_size') or 0)})")
+
+
 def write_json(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
 
 
+def _bars(ax: Any, groups: list[str], series: dict[str, list[float | None]], title: str,
+          unit: str, *, log: bool = False) -> None:
+    """Grouped bars, one colour per series, each bar labelled with its value."""
+    width = 0.8 / max(len(series), 1)
+    for index, (name, values) in enumerate(series.items()):
+        xs = [g + index * width - 0.4 + width / 2 for g in range(len(groups))]
+        heights = [v or 0 for v in values]
+        drawn = ax.bar(xs, heights, width, label=name, color=COLORS.get(name))
+        for rect, value in zip(drawn, values, strict=True):
+            if value is not None:
+                ax.annotate(_fmt(value), (rect.get_x() + rect.get_width() / 2,
+                                          rect.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(unit)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+
+
+COLORS = {"relay": "#e4572e", "postfix": "#2e86ab", "ceiling": "#999999",
+          "relay PSS": "#f2a58e", "postfix PSS": "#92c5de"}
+
+
 def draw_chart(results: dict[str, Any], path: Path) -> None:
-    """Bar chart: throughput, latency and memory, relay vs Postfix (medians) and ceiling."""
+    """Bar chart, one row per figure: throughput (accepted, end to end), acceptance latency
+    (p50, p99) and memory (idle, peak per case), relay beside Postfix (medians) and the
+    ceiling, for every case of the run."""
     import matplotlib  # noqa: PLC0415 - optional dependency, only for --chart
 
     matplotlib.use("Agg")
@@ -181,62 +225,54 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
     summary = results.get("summary") or summarize(results)
     meta = results.get("meta", {})
     systems = list(summary["systems"])
-    colors = {"relay": "#e4572e", "postfix": "#2e86ab", "ceiling": "#999999"}
-    cases = [c["name"] for c in meta.get("cases", [])]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    described = meta.get("cases", [])
+    cases = [c["name"] for c in described]
+    probe = {c["name"]: _size(c.get("probe_size") or c["size"]) for c in described}
+    fig, axes = plt.subplots(3, 1, figsize=(max(10.0, 2.6 * len(cases) + 4), 13))
 
-    def bars(ax: Any, groups: list[str], series: dict[str, list[float | None]],
-             title: str, unit: str, log: bool = False) -> None:
-        width = 0.8 / max(len(series), 1)
-        for index, (name, values) in enumerate(series.items()):
-            xs = [g + index * width - 0.4 + width / 2 for g in range(len(groups))]
-            heights = [v or 0 for v in values]
-            drawn = ax.bar(xs, heights, width, label=name, color=colors.get(name))
-            for rect, value in zip(drawn, values, strict=True):
-                if value is not None:
-                    ax.annotate(_fmt(value), (rect.get_x() + rect.get_width() / 2,
-                                              rect.get_height()),
-                                ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(range(len(groups)), groups, fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel(unit)
-        if log:
-            ax.set_yscale("log")
-        ax.legend(fontsize=8)
+    def series_of(metrics: tuple[str, str], *, ceiling: bool = True
+                  ) -> dict[str, list[float | None]]:
+        out: dict[str, list[float | None]] = {}
+        for system in [*systems, *(["ceiling"] if ceiling else [])]:
+            source = summary["ceiling"] if system == "ceiling" else summary["systems"][system]
+            if source:
+                out[system] = [source.get(case, {}).get(metric) for case in cases
+                               for metric in metrics]
+        return out
 
-    groups = [f"{case} {kind}" for case in cases for kind in ("accepted", "e2e")]
-    series: dict[str, list[float | None]] = {}
-    for system in [*systems, "ceiling"]:
-        source = summary["ceiling"] if system == "ceiling" else summary["systems"][system]
-        if not source:
-            continue
-        series[system] = [source.get(case, {}).get(metric) for case in cases
-                          for metric in ("accepted_rate", "e2e_rate")]
-    bars(axes[0], groups, series, "Throughput (higher is better)", "messages/s", log=True)
+    def ratio_label(case: str, metric: str) -> str:
+        median = summary["ratios"].get(case, {}).get(metric, {}).get("median")
+        return f"\nrelay {_fmt(median, 'x')}" if median is not None else ""
 
-    groups = [f"{case} {kind}" for case in cases for kind in ("p50", "p99")]
-    series = {}
-    for system in [*systems, "ceiling"]:
-        source = summary["ceiling"] if system == "ceiling" else summary["systems"][system]
-        if not source:
-            continue
-        series[system] = [source.get(case, {}).get(metric) for case in cases
-                          for metric in ("p50_ms", "p99_ms")]
-    bars(axes[1], groups, series, "Acceptance latency: end of DATA -> 250 (lower is better)",
-         "ms", log=True)
+    groups = [f"{case} {kind}{ratio_label(case, metric)}" for case in cases
+              for kind, metric in (("accepted", "accepted_rate"), ("e2e", "e2e_rate"))]
+    _bars(axes[0], groups, series_of(("accepted_rate", "e2e_rate")),
+          "Throughput (higher is better; relay/Postfix ratio under each group)",
+          "messages/s", log=True)
+
+    groups = [f"{case} {kind} ({probe[case]}){ratio_label(case, metric)}" for case in cases
+              for kind, metric in (("p50", "p50_ms"), ("p99", "p99_ms"))]
+    _bars(axes[1], groups, series_of(("p50_ms", "p99_ms")),
+          "Acceptance latency of the probe's messages: end of DATA -> 250 (lower is better)",
+          "ms", log=True)
 
     groups = ["idle", *[f"peak {case}" for case in cases]]
-    series = {}
+    series: dict[str, list[float | None]] = {}
     for system in systems:
         idle = summary["idle"].get(system, {})
-        series[system] = [idle.get("rss_mib"), *[summary["systems"][system].get(case, {})
-                                                 .get("peak_rss_mib") for case in cases]]
+        per_case = summary["systems"][system]
+        series[system] = [idle.get("rss_mib"),
+                          *[per_case.get(case, {}).get("peak_rss_mib") for case in cases]]
+        series[f"{system} PSS"] = [idle.get("pss_mib"),
+                                   *[per_case.get(case, {}).get("peak_pss_mib")
+                                     for case in cases]]
     if any(data.get("conns_rss_mib") is not None for data in summary["idle"].values()):
         groups.insert(1, f"{meta.get('idle_connections')} idle conns")
         for system in systems:
             series[system].insert(1, summary["idle"].get(system, {}).get("conns_rss_mib"))
-    bars(axes[2], groups, series, "Memory: RSS summed over all processes (lower is better)",
-         "MiB")
+            series[f"{system} PSS"].insert(1, None)
+    _bars(axes[2], groups, series, "Memory summed over all processes: RSS, and PSS (shared "
+          "pages split between processes; lower is better)", "MiB")
     fig.suptitle(f"infobip-relay vs Postfix {meta.get('postfix') or ''} "
                  f"({meta.get('rounds')} rounds, medians; {meta.get('started', '')})",
                  fontsize=10)

@@ -2,8 +2,9 @@
 
 For every system and round: start it fresh (own temp dir and queue), wait until its
 listener accepts, measure idle memory, (relay) hold 1,000 idle connections, then run the
-2 KiB case and the 1 MiB case, each with ``smtp-source`` plus the latency probe, and wait
-until the sink has every message. Stop the system, count what the sink received.
+cases (2 KiB, 1 MiB, 10 MiB, the realistic mix), each with ``smtp-source`` (one process per
+message size, run side by side) plus the latency probe, and wait until the sink has every
+message. Stop the system, count what the sink received.
 """
 
 from __future__ import annotations
@@ -35,16 +36,122 @@ from bench.procs import (
     sample_tree,
 )
 from bench.relayproc import RelayConfig, RelayProcess
-from bench.sink import DEFAULT_API_KEY, SinkCluster, count_case, smtp_source_match
+from bench.sink import (
+    DEFAULT_API_KEY,
+    CaseCount,
+    SinkCluster,
+    count_case,
+    smtp_source_match,
+)
 
 SYSTEMS = ("relay", "postfix")
 
 
-@dataclass
-class Case:
-    name: str
+KIB = 1024
+MIB = 1024 * 1024
+
+# The realistic mix: (share of the messages, body bytes). 70 % ~4 KiB (notifications), 25 %
+# ~150 KiB (a small PDF or image), 5 % 2-10 MiB attachments, split 2.5 % 2 MiB, 1.5 % 5 MiB,
+# 1 % 10 MiB (bigger ones are rarer). Mean body ~270 KiB; 1,000 messages ~264 MiB.
+MIX: tuple[tuple[float, int], ...] = (
+    (0.70, 4 * KIB),
+    (0.25, 150 * KIB),
+    (0.025, 2 * MIB),
+    (0.015, 5 * MIB),
+    (0.01, 10 * MIB),
+)
+MIX_PROBE_SIZE = 4 * KIB  # the mix's probe: small mail sent while the large ones upload
+
+
+@dataclass(frozen=True)
+class Part:
+    """``messages`` of ``size`` body bytes, sent by one smtp-source process."""
+
     messages: int
     size: int
+
+
+@dataclass(frozen=True)
+class Case:
+    """One load: its parts run side by side (one smtp-source each); the latency probe sends
+    messages of ``probe_size`` bytes (default: the size of a one-part case)."""
+
+    name: str
+    parts: tuple[Part, ...]
+    probe_size: int = 0
+
+    @classmethod
+    def single(cls, name: str, messages: int, size: int) -> Case:
+        return cls(name, (Part(messages, size),), size)
+
+    @property
+    def messages(self) -> int:
+        return sum(part.messages for part in self.parts)
+
+    @property
+    def bytes(self) -> int:
+        return sum(part.messages * part.size for part in self.parts)
+
+    @property
+    def size(self) -> int:
+        """The size of a one-part case; the mean body size of a mix."""
+        return self.bytes // self.messages if self.messages else 0
+
+    def time_limit(self) -> float:
+        """Seconds the case may take: 60 s plus, per message, 1 s per MiB (at least 0.05 s)."""
+        return 60.0 + sum(part.messages * max(0.05, part.size / MIB) for part in self.parts)
+
+    def describe(self) -> str:
+        return " + ".join(f"{part.messages} x {_size(part.size)}" for part in self.parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For the JSON ``meta.cases``: ``name``/``messages``/``size`` as before, plus parts."""
+        return {"name": self.name, "messages": self.messages, "size": self.size,
+                "bytes": self.bytes, "probe_size": self.probe_size,
+                "parts": [{"messages": part.messages, "size": part.size}
+                          for part in self.parts]}
+
+
+def split(total: int, weights: list[float], *, minimum: int = 0) -> list[int]:
+    """``total`` split in proportion to ``weights`` (largest remainder), then every share
+    below ``minimum`` raised to it at the expense of the largest share. The shares add up to
+    ``total``, unless ``minimum * len(weights)`` is more than it (then each is ``minimum``)."""
+    if minimum * len(weights) >= total:
+        return [minimum] * len(weights)
+    shares = split_plain(total, weights)
+    for index in range(len(shares)):
+        while shares[index] < minimum:
+            largest = max(range(len(shares)), key=lambda i: shares[i])
+            shares[largest] -= 1
+            shares[index] += 1
+    return shares
+
+
+def split_plain(total: int, weights: list[float]) -> list[int]:
+    whole = sum(weights)
+    exact = [total * weight / whole for weight in weights]
+    shares = [int(value) for value in exact]
+    order = sorted(range(len(weights)), key=lambda i: (shares[i] - exact[i], i))
+    for index in order[:total - sum(shares)]:
+        shares[index] += 1
+    return shares
+
+
+def mix_case(messages: int, name: str = "mix") -> Case:
+    """The realistic mix of ``messages`` messages (every size at least once when
+    ``messages`` >= the number of sizes)."""
+    counts = split(messages, [share for share, _ in MIX],
+                   minimum=1 if messages >= len(MIX) else 0)
+    parts = tuple(Part(count, size) for count, (_, size) in zip(counts, MIX, strict=True)
+                  if count > 0)
+    return Case(name, parts, MIX_PROBE_SIZE)
+
+
+def _size(size: int) -> str:
+    for unit, factor in (("MiB", MIB), ("KiB", KIB)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} B"
 
 
 @dataclass
@@ -53,7 +160,10 @@ class Options:
     messages: int = 5000
     size: int = 2048
     large_messages: int = 100
-    large_size: int = 1024 * 1024
+    large_size: int = MIB
+    huge_messages: int = 20
+    huge_size: int = 10 * MIB
+    mix_messages: int = 1000
     sessions: int = 20
     systems: tuple[str, ...] = SYSTEMS
     connections: int = 8
@@ -61,6 +171,7 @@ class Options:
     probe_interval: float = 0.01
     idle_connections: int = 1000
     postfix_tls_reuse: bool = False
+    postfix_process_limit: int = 100  # Postfix's default_process_limit (smtpd sessions)
     relay_log_level: str = "warning"
     relay_workers: int = 1
     ceiling: bool = True
@@ -73,10 +184,19 @@ class Options:
     def cases(self) -> list[Case]:
         cases = []
         if self.messages > 0:
-            cases.append(Case("small", self.messages, self.size))
+            cases.append(Case.single("small", self.messages, self.size))
         if self.large_messages > 0:
-            cases.append(Case("large", self.large_messages, self.large_size))
+            cases.append(Case.single("large", self.large_messages, self.large_size))
+        if self.huge_messages > 0:
+            cases.append(Case.single("huge", self.huge_messages, self.huge_size))
+        if self.mix_messages > 0:
+            cases.append(mix_case(self.mix_messages))
         return cases
+
+    def sessions_for(self, case: Case) -> list[int]:
+        """smtp-source ``-s`` per part: ``sessions`` split in proportion to the messages,
+        at least 1 each."""
+        return split(self.sessions, [part.messages for part in case.parts], minimum=1)
 
 
 class System:
@@ -107,7 +227,8 @@ class PostfixSystem(System):
     def __init__(self, root: Path, sink: SinkCluster, ca_file: Path, opts: Options) -> None:
         self.instance = PostfixInstance(root, PostfixConfig(
             port=free_port(), sink_port=sink.tls_port, ca_file=ca_file, password=sink.password,
-            concurrency=opts.connections, tls_reuse=opts.postfix_tls_reuse))
+            concurrency=opts.connections, tls_reuse=opts.postfix_tls_reuse,
+            process_limit=opts.postfix_process_limit))
 
     def start(self) -> None:
         self.instance.start()
@@ -173,7 +294,7 @@ def tree_cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
-def _rate(count: int, seconds: float | None) -> float | None:
+def _rate(count: float, seconds: float | None) -> float | None:
     return round(count / seconds, 1) if seconds and seconds > 0 else None
 
 
@@ -238,7 +359,7 @@ class Runner:
             "postfix": _postfix_version(),
             "rounds": opts.rounds,
             "order": [name for _ in range(opts.rounds) for name in opts.systems],
-            "cases": [vars(case) for case in opts.cases],
+            "cases": [case.as_dict() for case in opts.cases],
             "sessions": opts.sessions,
             "upstream_connections": opts.connections,
             "relay_workers": opts.relay_workers,
@@ -335,41 +456,54 @@ class Runner:
         tag = f"{label.replace(' ', '')}-{case.name}-{int(time.time() * 1000) % 10**8}"
         base = sink.stats()
         cpu0, sink_cpu0 = tree_cpu_seconds(pids()), tree_cpu_seconds(sink.pids)
-        limit = 60.0 + case.messages * (1.0 if case.size >= 256 * 1024 else 0.05)
+        limit = case.time_limit()
+        sessions = opts.sessions_for(case)
         with MemorySampler(pids) as sampler:
-            source, probe = asyncio.run(self._load(port, case, tag, limit))
+            sources, probe = asyncio.run(self._load(port, case, sessions, tag, limit))
             target = base["unique"] + case.messages + probe.sent
             stats = sink.wait_unique(target, timeout=limit, stalled=60.0)
         cpu = tree_cpu_seconds(pids()) - cpu0
         sink_cpu = tree_cpu_seconds(sink.pids) - sink_cpu0
         seen = sink.dump()
-        counted = count_case(seen, expected=case.messages,
-                             match=smtp_source_match(source.pid), require_header=require_header)
+        counts = [count_case(seen, expected=part.messages, match=smtp_source_match(source.pid),
+                             require_header=require_header)
+                  for part, source in zip(case.parts, sources, strict=True)]
+        counted = CaseCount(expected=sum(c.expected for c in counts),
+                            received=sum(c.received for c in counts),
+                            unique=sum(c.unique for c in counts),
+                            missing_header=sum(c.missing_header for c in counts))
         probe_count = count_case(seen, expected=probe.sent, match=load.probe_match(tag),
                                  require_header=require_header)
         complete = stats["unique"] >= target
-        e2e = (stats["last_unique_ts"] - source.started
+        started = min(source.started for source in sources)
+        accepted = max(source.started + source.seconds for source in sources) - started
+        e2e = (stats["last_unique_ts"] - started
                if complete and stats["last_unique_ts"] else None)
         problems = []
-        if source.returncode != 0:
-            problems.append(f"smtp-source exit {source.returncode}"
-                            f"{' (timed out)' if source.timed_out else ''}: "
-                            f"{source.stderr.strip()[-300:]}")
+        for part, source in zip(case.parts, sources, strict=True):
+            if source.returncode != 0:
+                problems.append(f"smtp-source ({_size(part.size)}) exit {source.returncode}"
+                                f"{' (timed out)' if source.timed_out else ''}: "
+                                f"{source.stderr.strip()[-300:]}")
         if not counted.ok:
             problems.append(_count_problem("messages", counted.as_dict()))
         if not probe_count.ok:
             problems.append(_count_problem("probe messages", probe_count.as_dict()))
         if probe.errors:
             problems.append(f"probe errors: {probe.errors[:3]}")
+        mib = case.bytes / MIB
         result: dict[str, Any] = {
             "messages": case.messages,
             "size": case.size,
-            "sessions": opts.sessions,
-            "accepted_s": round(source.seconds, 3),
-            "accepted_rate": _rate(case.messages, source.seconds),
+            "bytes": case.bytes,
+            "sessions": sum(sessions),
+            "accepted_s": round(accepted, 3),
+            "accepted_rate": _rate(case.messages, accepted),
+            "accepted_mib_s": _rate(mib, accepted),
             "e2e_s": round(e2e, 3) if e2e is not None else None,
             "e2e_rate": _rate(case.messages, e2e),
-            "latency": probe.summary(),
+            "e2e_mib_s": _rate(mib, e2e),
+            "latency": probe.summary() | {"size": case.probe_size},
             "peak_rss_kib": sampler.peak_rss_kib,
             "peak_pss_kib": sampler.peak_pss_kib,
             "peak_processes": sampler.peak_processes,
@@ -378,15 +512,21 @@ class Runner:
             "sink_cpu_s": round(sink_cpu, 2),
             "count": counted.as_dict(),
             "probe_count": probe_count.as_dict(),
-            "smtp_source": {"pid": source.pid, "returncode": source.returncode,
-                            "timed_out": source.timed_out, "stderr": source.stderr[-500:]},
+            "parts": [{"messages": part.messages, "size": part.size, "sessions": count_sessions,
+                       "accepted_s": round(source.seconds, 3), "count": part_count.as_dict(),
+                       "smtp_source": _source_dict(source)}
+                      for part, count_sessions, source, part_count
+                      in zip(case.parts, sessions, sources, counts, strict=True)],
             "problems": problems,
             "ok": not problems,
         }
+        if len(sources) == 1:
+            result["smtp_source"] = _source_dict(sources[0])
         lat = result["latency"]
-        line = (f"{label} {case.name} ({case.messages} x {case.size} B): accepted "
-                f"{_fmt(result['accepted_rate'])}/s, end-to-end {_fmt(result['e2e_rate'])}/s, "
-                f"latency p50 {_fmt(lat['p50_ms'])} ms p99 {_fmt(lat['p99_ms'])} ms "
+        line = (f"{label} {case.name} ({case.describe()}): accepted "
+                f"{_fmt(result['accepted_rate'])}/s, end-to-end {_fmt(result['e2e_rate'])}/s "
+                f"({_fmt(result['e2e_mib_s'])} MiB/s), latency ({_size(case.probe_size)}) "
+                f"p50 {_fmt(lat['p50_ms'])} ms p99 {_fmt(lat['p99_ms'])} ms "
                 f"(n={lat['samples']}), peak RSS {sampler.peak_rss_kib / 1024:.0f} MiB "
                 f"(PSS {sampler.peak_pss_kib / 1024:.0f}), CPU {cpu:.1f}s (sink {sink_cpu:.1f}s)")
         if problems:
@@ -398,19 +538,26 @@ class Runner:
         self.log(line)
         return result
 
-    async def _load(self, port: int, case: Case, tag: str,
-                    limit: float) -> tuple[load.SourceResult, load.ProbeResult]:
+    async def _load(self, port: int, case: Case, sessions: list[int], tag: str,
+                    limit: float) -> tuple[list[load.SourceResult], load.ProbeResult]:
         stop = asyncio.Event()
         probe_task = asyncio.create_task(load.run_probe(
-            port, tag=tag, size=case.size, stop=stop, interval=self.opts.probe_interval,
+            port, tag=tag, size=case.probe_size, stop=stop, interval=self.opts.probe_interval,
             step_timeout=min(60.0, limit)))
         try:
-            source = await load.run_smtp_source(port, messages=case.messages, size=case.size,
-                                                sessions=self.opts.sessions, time_limit=limit)
+            sources = await asyncio.gather(*(
+                load.run_smtp_source(port, messages=part.messages, size=part.size,
+                                     sessions=count, time_limit=limit)
+                for part, count in zip(case.parts, sessions, strict=True)))
         finally:
             stop.set()
         probe = await probe_task
-        return source, probe
+        return list(sources), probe
+
+
+def _source_dict(source: load.SourceResult) -> dict[str, Any]:
+    return {"pid": source.pid, "returncode": source.returncode,
+            "timed_out": source.timed_out, "stderr": source.stderr[-500:]}
 
 
 def _count_problem(what: str, count: dict[str, Any]) -> str:

@@ -1,23 +1,32 @@
-"""Smoke test of the benchmark's upstream sink (bench/sink.py): implicit TLS + AUTH PLAIN with
-aiosmtplib, message counting, header detection, duplicate detection, pipelined input.
+"""Smoke test of the benchmark: the upstream sink (bench/sink.py: implicit TLS + AUTH PLAIN with
+aiosmtplib, message counting, header detection, duplicate detection, pipelined input), the
+cases (parts, the mix's split, time limits), the report and charts (old and new JSON), the
+burst harness against the relay, and - where smtp-source (and, as root, Postfix) are installed -
+one tiny round of every case.
 
-Postfix and smtp-source are not run here (see bench/README.md for the benchmark itself)."""
+Full-size runs are not done here (see bench/README.md)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
 import socket
 import ssl
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
 import trustme
 
+from bench import burst
 from bench.load import latency_stats, percentile, probe_match, probe_message
-from bench.report import format_table, summarize
+from bench.report import describe_case, draw_chart, format_table, summarize
+from bench.runner import MIB, Case, Options, Part, mix_case, run_benchmark, split
 from bench.sink import CaseCount, SinkCluster, count_case, smtp_source_match
 
 API_KEY = "smoke-key"
@@ -167,13 +176,14 @@ def test_helpers() -> None:
     assert percentile([float(n) for n in range(1, 101)], 0.99) == 99.0
     assert latency_stats([0.001, 0.002])["p50_ms"] == 1.0
     assert CaseCount(expected=3, received=3, unique=3).ok
-    results = {"meta": {"cases": [{"name": "small", "messages": 1, "size": 10}], "rounds": 1},
-               "rounds": [{"round": 1,
-                           "relay": {"cases": {"small": {"accepted_rate": 200.0, "ok": True}},
-                                     "idle": {}},
-                           "postfix": {"cases": {"small": {"accepted_rate": 100.0, "ok": True}},
-                                       "idle": {}}}],
-               "failures": []}
+    results: dict[str, Any] = {
+        "meta": {"cases": [{"name": "small", "messages": 1, "size": 10}], "rounds": 1},
+        "rounds": [{"round": 1,
+                    "relay": {"cases": {"small": {"accepted_rate": 200.0, "ok": True}},
+                              "idle": {}},
+                    "postfix": {"cases": {"small": {"accepted_rate": 100.0, "ok": True}},
+                                "idle": {}}}],
+        "failures": []}
     summary = summarize(results)
     assert summary["ratios"]["small"]["accepted_rate"]["median"] == 2.0
     assert "relay/postfix" in format_table(results)
@@ -181,3 +191,99 @@ def test_helpers() -> None:
     summary = summarize(results)
     assert summary["ratios"]["small"]["accepted_rate"]["median"] is None
     assert summary["systems"]["relay"]["small"]["rounds_ok"] == 0
+
+
+def test_cases_and_the_mix_split() -> None:
+    assert split(20, [700, 250, 25, 15, 10], minimum=1) == [12, 5, 1, 1, 1]
+    assert split(3, [1, 1, 1, 1], minimum=1) == [1, 1, 1, 1]  # cannot fit: 1 each
+    assert sum(split(1000, [0.7, 0.25, 0.025, 0.015, 0.01])) == 1000
+    mix = mix_case(1000)
+    assert [(p.messages, p.size) for p in mix.parts] == [
+        (700, 4096), (250, 150 * 1024), (25, 2 * MIB), (15, 5 * MIB), (10, 10 * MIB)]
+    assert mix.probe_size == 4096
+    assert [p.messages for p in mix_case(100).parts] == [70, 25, 3, 1, 1]
+    assert [p.messages for p in mix_case(5).parts] == [1, 1, 1, 1, 1]  # every size once
+    assert mix_case(3).messages == 3
+    assert Options(sessions=20).sessions_for(mix) == [12, 5, 1, 1, 1]
+    huge = Case.single("huge", 20, 10 * MIB)
+    assert (huge.messages, huge.size, huge.probe_size) == (20, 10 * MIB, 10 * MIB)
+    assert huge.time_limit() == 60 + 20 * 10  # 1 s per MiB per message
+    assert Case.single("small", 5000, 2048).time_limit() == 60 + 5000 * 0.05
+    opts = Options(messages=0, large_messages=1, huge_messages=2, mix_messages=0)
+    assert [case.name for case in opts.cases] == ["large", "huge"]
+    described = mix.as_dict()
+    assert (described["messages"], described["size"]) == (1000, mix.bytes // 1000)
+    assert describe_case(described).startswith("1000 messages: 700 x 4 KiB + 250 x 150 KiB")
+    assert describe_case({"name": "large", "messages": 100, "size": MIB}) == \
+        "100 messages x 1 MiB"  # a result saved before parts existed
+    assert Case("x", (Part(1, 10), Part(3, 30))).size == 25
+
+
+def _case_result(rate: float, ok: bool = True) -> dict[str, Any]:
+    return {"accepted_rate": rate, "e2e_rate": rate / 2, "latency": {"p50_ms": 10.0,
+            "p99_ms": 20.0}, "peak_rss_kib": 51200, "peak_pss_kib": 40960, "ok": ok}
+
+
+def test_report_and_charts_old_and_new_results(tmp_path: Path) -> None:
+    cases = [Case.single("small", 10, 2048).as_dict(), mix_case(10).as_dict()]
+    old = {"meta": {"cases": [{"name": "small", "messages": 10, "size": 2048}], "rounds": 1},
+           "rounds": [{"round": 1,
+                       "relay": {"cases": {"small": _case_result(300.0)}, "idle": {}},
+                       "postfix": {"cases": {"small": _case_result(100.0)}, "idle": {}}}],
+           "failures": []}
+    new = json.loads(json.dumps(old))
+    new["meta"]["cases"] = cases
+    for system, rate in (("relay", 40.0), ("postfix", 10.0)):
+        new["rounds"][0][system]["cases"]["mix"] = _case_result(rate)
+    table = format_table(new)
+    assert "mix: 10 messages: 4 x 4 KiB + 3 x 150 KiB" in table
+    assert summarize(new)["ratios"]["mix"]["accepted_rate"]["median"] == 4.0
+    assert "small: 10 messages x 2 KiB" in format_table(old)
+    pytest.importorskip("matplotlib")
+    for name, results in (("old", old), ("new", new)):
+        draw_chart(results, tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_burst_against_the_relay(tmp_path: Path) -> None:
+    """The burst harness end to end, relay only (Postfix needs root): a few small uploads."""
+    opts = burst.BurstOptions(clients=3, size=MIB, settle=0.5, probe_interval=0.05,
+                              systems=("relay",), keep=False)
+    assert burst.BurstOptions(clients=100).postfix_process_limit == 120
+    lines: list[str] = []
+    results = burst.run_burst(opts, log=lines.append)
+    relay = results["systems"]["relay"]
+    assert results["ok"], (relay, lines)
+    assert relay["delivered"] == 3
+    assert relay["count"]["duplicates"] == 0
+    assert relay["probe"]["samples"] >= 1
+    assert relay["peak_rss_mib"] >= relay["idle_rss_mib"] > 0
+    assert relay["timeline"]
+    table = burst.format_table(results)
+    assert "peak PSS MiB" in table and "PASS" in table
+    pytest.importorskip("matplotlib")
+    burst.draw_chart(results, tmp_path / "burst.png")
+    assert (tmp_path / "burst.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not shutil.which("smtp-source"), reason="smtp-source not installed")
+def test_one_tiny_round_of_every_case() -> None:
+    """Ceiling, relay and (as root, with Postfix installed) Postfix, every case with a few
+    messages: a mix of 5 sends one message of each size from five smtp-source processes."""
+    systems = ("relay", "postfix") if os.geteuid() == 0 and shutil.which("postfix") \
+        else ("relay",)
+    lines: list[str] = []
+    results = run_benchmark(Options(
+        rounds=1, messages=20, large_messages=2, huge_messages=1, mix_messages=5, sessions=6,
+        systems=systems, idle_connections=0, settle=0.5, log=lines.append))
+    assert results["ok"], "\n".join(lines)
+    assert [c["name"] for c in results["meta"]["cases"]] == ["small", "large", "huge", "mix"]
+    for system in systems:
+        mix = results["rounds"][0][system]["cases"]["mix"]
+        assert [part["count"]["unique"] for part in mix["parts"]] == [1] * 5
+        assert len({part["smtp_source"]["pid"] for part in mix["parts"]}) == 5
+        assert mix["count"]["unique"] == 5 and mix["latency"]["size"] == 4096
+        assert results["rounds"][0][system]["cases"]["huge"]["count"]["unique"] == 1
+    assert results["ceiling"]["mix"]["ok"]
+    summary = summarize(results)
+    assert summary["systems"]["relay"]["mix"]["rounds_ok"] == 1
