@@ -593,7 +593,7 @@ def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None, 
                           f"region {region.name} ({region.host}) offers port {offered} only, "
                           f"not {port}")
     username = str(section.get("username", "App"))
-    password = _upstream_password(section, env, base_dir)
+    password, password_file = _upstream_password(section, env, base_dir)
     mechanism = section.convert("auth_mechanism", _auth_mechanism)
     connections = section.convert("connections", positive_int)
     ca_file = section.convert("ca_file", path_in(base_dir))
@@ -612,8 +612,7 @@ def _build_upstream(raw: object, env: Mapping[str, str], base_dir: Path | None, 
         region=region.name, auth_mechanism=mechanism,
         connections=connections, ca_file=ca_file, timeout=timeout, idle_timeout=idle_timeout,
         data_timeout=data_timeout,
-        password_file=section.convert("password_file", path_in(base_dir)),
-        rate=rate, throttle_patterns=throttle_patterns, name=name,
+        password_file=password_file, rate=rate, throttle_patterns=throttle_patterns, name=name,
     )
 
 
@@ -693,28 +692,39 @@ def _upstream_tls(tls: str, port: int, section: Section) -> UpstreamTLS:
 
 
 def _upstream_password(section: Section, env: Mapping[str, str],
-                       base_dir: Path | None) -> Secret:
+                       base_dir: Path | None) -> tuple[Secret, Path | None]:
+    """The API key and the file it came from, if any.
+
+    In order: the file's password or password_file, then $INFOBIP_API_KEY, then the file named
+    by $INFOBIP_API_KEY_FILE (Docker secrets, systemd's LoadCredential=: no key in the
+    environment of the process).
+    """
     password = section.get("password")
     password_file = section.convert("password_file", path_in(base_dir))
     if password is not None and password_file is not None:
         raise ConfigError(section.at("password_file"), "give password or password_file, not both")
+    source = ""
+    if password is None and password_file is None and not env.get("INFOBIP_API_KEY") and \
+            env.get("INFOBIP_API_KEY_FILE"):
+        # Taken as given (from the working directory), as the environment's other paths.
+        password_file = Path(env["INFOBIP_API_KEY_FILE"])
+        source = " (from INFOBIP_API_KEY_FILE)"
     if password_file is not None:
         try:
             text = password_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(section.at("password_file"),
-                              f"cannot read {password_file}: {exc.strerror}") from None
+                              f"cannot read {password_file}{source}: {exc.strerror}") from None
         if not text:
-            raise ConfigError(section.at("password_file"), f"{password_file} is empty")
-        return Secret(text)
+            raise ConfigError(section.at("password_file"), f"{password_file}{source} is empty")
+        return Secret(text), password_file
     if password is None:
         password = env.get("INFOBIP_API_KEY")
     if not password:
-        where = "INFOBIP_API_KEY, " if section.path == "upstream" else ""
         raise ConfigError(section.at("password"),
-                          f"no API key: set {where}{section.at('password')} or "
-                          f"{section.at('password_file')}")
-    return Secret(str(password))
+                          "no API key: set INFOBIP_API_KEY (or INFOBIP_API_KEY_FILE), "
+                          "upstream.password or upstream.password_file")
+    return Secret(str(password)), None
 
 
 def _build_queue(raw: object, env: Mapping[str, str], base_dir: Path | None,

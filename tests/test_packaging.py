@@ -209,10 +209,9 @@ def test_systemd_unit_lifecycle_contract() -> None:
     for key in ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "ProtectHome"):
         assert one(key) == "yes"
     assert one("ProtectSystem") == "strict"
-
-    example = yaml.safe_load((ROOT / "systemd" / "config.yaml.example").read_text())
-    assert example["upstream"]["password_file"] == "${CREDENTIALS_DIRECTORY}/infobip_api_key"
-    assert example["queue"]["path"].startswith("/var/lib/infobip-relay/")
+    # The shipped config.example.yaml gets its key and spool from the unit's environment
+    # (tests/test_config_example.py loads it so).
+    assert "INFOBIP_API_KEY_FILE=%d/infobip_api_key" in settings.get("Environment", [])
 
 
 # --------------------------------------------------------------------------- install + run
@@ -343,7 +342,7 @@ def test_installs_from_build_context_and_runs_unprivileged(shared_tmp: Path) -> 
 
 def _yaml_files() -> list[Path]:
     files = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")])
-    return [*files, ROOT / "systemd" / "config.yaml.example"]
+    return [*files, ROOT / "config.example.yaml"]
 
 
 def _documents(path: Path) -> list[Any]:
@@ -457,7 +456,6 @@ def _shipped_configs() -> list[tuple[str, str, str]]:
     """(name, config text, password_file as written) for every config this repo ships."""
     gateway = next(d for d in _documents(K8S / "gateway.yaml") if d["kind"] == "ConfigMap")
     configs = [
-        ("systemd/config.yaml.example", (ROOT / "systemd" / "config.yaml.example").read_text()),
         ("deploy/relay.yaml", (DEPLOY / "relay.yaml").read_text()),
         ("kubernetes/gateway.yaml ConfigMap", gateway["data"]["config.yaml"]),
     ]
