@@ -721,9 +721,11 @@ def _upstream_password(section: Section, env: Mapping[str, str],
     if password is None:
         password = env.get("INFOBIP_API_KEY")
     if not password:
+        where = "INFOBIP_API_KEY (or INFOBIP_API_KEY_FILE), " if section.path == "upstream" \
+            else ""
         raise ConfigError(section.at("password"),
-                          "no API key: set INFOBIP_API_KEY (or INFOBIP_API_KEY_FILE), "
-                          "upstream.password or upstream.password_file")
+                          f"no API key: set {where}{section.at('password')} or "
+                          f"{section.at('password_file')}")
     return Secret(str(password)), None
 
 
