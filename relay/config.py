@@ -42,7 +42,7 @@ from relay.settings import (
     positive_int,
     string_list,
 )
-from relay.tlsconfig import server_context
+from relay.tlsconfig import client_context, server_context
 from relay.units import (
     format_duration,
     format_rate,
@@ -172,11 +172,7 @@ class UpstreamConfig:
     name: str = DEFAULT_UPSTREAM
 
     def ssl_context(self) -> ssl.SSLContext:
-        """A verifying client context: the system store plus ``ca_file``; never unverified."""
-        context = ssl.create_default_context()
-        if self.ca_file is not None:
-            context.load_verify_locations(cafile=str(self.ca_file))
-        return context
+        return client_context(self.ca_file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,11 +207,7 @@ class PullConfig:
     api_key_file: Path | None = None  # where api_key came from, for permission_warnings()
 
     def ssl_context(self) -> ssl.SSLContext:
-        """A verifying client context: the system store plus ``ca_file``; never unverified."""
-        context = ssl.create_default_context()
-        if self.ca_file is not None:
-            context.load_verify_locations(cafile=str(self.ca_file))
-        return context
+        return client_context(self.ca_file)
 
 
 @dataclass(frozen=True, slots=True)

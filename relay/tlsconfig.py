@@ -18,6 +18,14 @@ if TYPE_CHECKING:
 TLSContexts = dict[str, ssl.SSLContext]  # listener name -> context
 
 
+def client_context(ca_file: Path | None) -> ssl.SSLContext:
+    """A verifying client context: the system store plus ``ca_file``; never unverified."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
 def server_context(certificate: Path | str, private_key: Path | str) -> ssl.SSLContext:
     """A server context (TLS 1.2 or later) with this certificate chain and key loaded.
 
