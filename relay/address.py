@@ -149,3 +149,17 @@ def _check_utf8(mailbox: str) -> None:
             # C1 controls (U+0085), format characters, separators: invisible or line-breaking.
             raise AddressError(553, "5.6.7",
                                f"character U+{ord(char):04X} is not allowed in an address")
+
+
+def ascii_mailbox(text: str) -> str:
+    """``text`` when it is an ASCII address the upstream takes as it is (a configured sender:
+    bounces, null senders, rewrites); ValueError saying why not."""
+    if any(ord(char) < 0x20 or char == "\x7f" for char in text):
+        raise ValueError("must not contain CR, LF or other control characters")
+    try:
+        check_mailbox(text)
+    except AddressError as error:
+        raise ValueError(f"not a valid address {text!r}: {error}") from None
+    if not text.isascii():
+        raise ValueError(f"must be an ASCII address (Infobip has no SMTPUTF8), got {text!r}")
+    return text

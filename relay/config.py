@@ -21,7 +21,7 @@ from typing import Any, Literal, cast, get_args
 
 import yaml
 
-from relay.address import AddressError, check_mailbox
+from relay.address import ascii_mailbox
 from relay.envelope import DEFAULT_UPSTREAM
 from relay.errors import ConfigError
 from relay.infobip.regions import Region, find_region, region_names
@@ -463,14 +463,7 @@ def _null_sender_policy(section: Section) -> dict[str, Any]:
 
 
 def _mailbox(value: Any) -> str:
-    text = str(value).strip()
-    try:
-        check_mailbox(text)
-    except AddressError as exc:
-        raise ValueError(f"not a valid address {text!r}: {exc}") from None
-    if not text.isascii():
-        raise ValueError(f"must be an ASCII address (Infobip has no SMTPUTF8), got {text!r}")
-    return text
+    return ascii_mailbox(str(value).strip())
 
 
 def _build_listeners(raw: object, env: Mapping[str, str],

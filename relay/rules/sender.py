@@ -25,7 +25,7 @@ from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.policy import SMTP
 
-from relay.address import AddressError, check_mailbox
+from relay.address import ascii_mailbox
 from relay.errors import ConfigError
 from relay.headers import MAX_LINE_LENGTH, format_field
 from relay.rules.model import Template, from_mailbox
@@ -60,7 +60,7 @@ class FromTemplate:
     def render(self, lookup: Callable[[str], str]) -> bytes:
         """The whole ``From:`` field, folded and encoded; ValueError for a bad address."""
         address = self.address.render(lookup).strip()
-        mailbox(address)
+        ascii_mailbox(address)
         name = " ".join(self.name.render(lookup).split()) if self.name is not None else ""
         return format_from_field(name, address)
 
@@ -68,7 +68,7 @@ class FromTemplate:
 def _address_template(text: str) -> Template:
     template = Template.parse(text.strip())
     if not template.fields:
-        mailbox(text.strip())  # a fixed address is checked as it is
+        ascii_mailbox(text.strip())  # a fixed address is checked as it is
     return template
 
 
@@ -96,22 +96,9 @@ def reply_to_field(original_from: str) -> bytes:
         return format_field("Reply-To", original_from)
     display_name, address = from_mailbox(original_from)
     try:
-        return format_from_field(display_name, mailbox(address), "Reply-To")
+        return format_from_field(display_name, ascii_mailbox(address), "Reply-To")
     except ValueError:  # an internationalised address: nothing to encode it as, kept as sent
         return format_field("Reply-To", original_from)
-
-
-def mailbox(text: str) -> str:
-    """An ASCII address that the upstream takes as it is; ValueError why not."""
-    if _CONTROLS.search(text):
-        raise ValueError("must not contain CR, LF or other control characters")
-    try:
-        check_mailbox(text)
-    except AddressError as error:
-        raise ValueError(f"not a valid address {text!r}: {error}") from None
-    if not text.isascii():
-        raise ValueError(f"must be an ASCII address (Infobip has no SMTPUTF8), got {text!r}")
-    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +138,7 @@ def compile_rewrite(raw: object, where: str, samples: Mapping[str, str]) -> Send
     reply_to = section.get("reply_to")
     return SenderRewrite(
         mail_from=None if mail_from is None else _text(mail_from, section.at("mail_from"),
-                                                       mailbox),
+                                                       ascii_mailbox),
         header_from=None if header_from is None else _from_template(
             header_from, section.at("header_from"), samples),
         reply_to_original=reply_to is not None and _text(
