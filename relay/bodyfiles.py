@@ -5,11 +5,20 @@ small JSON copy of its envelope (sender, recipients, options, priority). Both ar
 the row commits, so that a body whose row is lost (database truncated, replaced or restored from
 an old backup) can still be delivered exactly: `infobip-relay queue recover`.
 
+Two layouts. A message the listener streamed to disk keeps its body where it was written: the
+``.partial`` file is renamed to ``bodies/<id>`` (written once, never copied) and holds the body
+from the blank line on, while its header block (as the rules left it) is in the row and in the
+sidecar's ``head``. Any other large message (one held whole in memory, and every body of
+spools written before streamed bodies were kept apart) has the whole message in the file, and a
+sidecar without ``head``.
+
 Nothing here deletes a body the database does not know: such files move to ``bodies/orphaned/``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import os
@@ -21,8 +30,9 @@ from typing import Any
 
 ORPHANED_DIR = "orphaned"
 ENVELOPE_SUFFIX = ".env"
-# A body being received: renamed (joined to its header block) only once DATA is complete, so
-# one left by a crash or a disconnect is recognisably unfinished and removed at start.
+# A body being received: renamed to ``bodies/<id>`` only once its message is spooled, so one
+# left by a crash or a disconnect is recognisably unfinished (never acknowledged) and removed
+# at start.
 PARTIAL_SUFFIX = ".partial"
 STANDARD_PRIORITY = 1
 # Queue ids are upper-case hex today; anything outside this set is not a name the relay wrote,
@@ -44,15 +54,25 @@ class SavedEnvelope:
     listener: str | None = None
     route: str = "default"  # the named upstream (relay.envelope.DEFAULT_UPSTREAM)
     original_mail_from: str | None = None
+    # The header block when the body file holds only the body (a streamed message); None: the
+    # file is the whole message.
+    head: bytes | None = None
 
     def to_json(self) -> bytes:
-        return json.dumps({
+        fields: dict[str, Any] = {
             "mail_from": self.mail_from, "recipients": list(self.recipients),
             "mail_options": list(self.mail_options), "priority": self.priority,
             "created": self.created, "client": self.client, "auth_user": self.auth_user,
             "listener": self.listener, "route": self.route,
             "original_mail_from": self.original_mail_from,
-        }, separators=(",", ":")).encode()
+        }
+        if self.head is not None:  # base64: a header block may hold 8-bit octets
+            fields["head"] = base64.b64encode(self.head).decode("ascii")
+        return json.dumps(fields, separators=(",", ":")).encode()
+
+    @property
+    def head_size(self) -> int:
+        return 0 if self.head is None else len(self.head)
 
     @classmethod
     def from_json(cls, raw: bytes) -> SavedEnvelope:
@@ -76,6 +96,8 @@ class SavedEnvelope:
             route=_string(data.get("route", "default"), "route"),
             original_mail_from=_optional_string(data.get("original_mail_from"),
                                                 "original_mail_from"),
+            # Absent from every sidecar of a whole-message file (all of them, before).
+            head=_optional_base64(data.get("head"), "head"),
         )
 
 
@@ -87,6 +109,15 @@ def _string(value: Any, name: str) -> str:
 
 def _optional_string(value: Any, name: str) -> str | None:
     return None if value is None else _string(value, name)
+
+
+def _optional_base64(value: Any, name: str) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(_string(value, name), validate=True)
+    except binascii.Error:
+        raise ValueError(f"{name} is not base64") from None
 
 
 def _strings(value: Any, name: str) -> tuple[str, ...]:
@@ -105,7 +136,10 @@ def _number(value: Any, name: str, kind: type[int] | type[float]) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class OrphanedBody:
-    """A quarantined body; ``envelope`` is None when its sidecar is missing or damaged."""
+    """A quarantined body; ``envelope`` is None when its sidecar is missing or damaged.
+
+    ``size`` is the message's: the file plus the header block its sidecar carries, if any.
+    """
 
     id: str
     path: Path
@@ -127,23 +161,19 @@ def write_synced(path: Path, data: bytes) -> None:
     _create_synced(path, lambda fd: _write_all(fd, data))
 
 
-def write_joined(path: Path, head: bytes, body: Path) -> None:
-    """Create ``path`` (0600) with ``head`` then the content of ``body``, and fsync it.
+def adopt_partial(path: Path, partial: Path) -> None:
+    """Make the streamed body ``partial`` the body file ``path``: fsync it, then rename it.
 
-    The body is copied by the kernel (copy_file_range), never through the relay's memory.
+    The body was written once, as it arrived; it is neither copied nor read again. Queue ids
+    are unique, so the rename never replaces another message's body. The caller fsyncs the
+    directory that makes the new name durable.
     """
-
-    def fill(fd: int) -> None:
-        _write_all(fd, head)
-        with open(body, "rb") as source:
-            left = os.fstat(source.fileno()).st_size
-            while left > 0:
-                copied = os.copy_file_range(source.fileno(), fd, left)
-                if copied <= 0:
-                    raise OSError(f"short copy of {body}")
-                left -= copied
-
-    _create_synced(path, fill)
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(partial, path)
 
 
 def _create_synced(path: Path, fill: Callable[[int], None]) -> None:
@@ -257,7 +287,7 @@ def _orphan(path: Path) -> OrphanedBody:
         envelope = SavedEnvelope.from_json(raw)
     except ValueError as exc:
         return OrphanedBody(path.name, path, size, None, f"damaged envelope file: {exc}")
-    return OrphanedBody(path.name, path, size, envelope)
+    return OrphanedBody(path.name, path, size + envelope.head_size, envelope)
 
 
 def restore_files(bodies: Path, orphan: OrphanedBody, envelope: SavedEnvelope) -> Path:

@@ -173,8 +173,10 @@ live in files; smaller ones were in the database only.
 
 Without ID: re-import every quarantined body that has its envelope file (<ID>.env) as a queued
 message with its original id, and list those without one, which stay in quarantine. With ID:
-re-import that one; --from and --to give (or replace) its envelope. Exit status 1 when
-something stays in quarantine. Works while the relay runs."""
+re-import that one; --from and --to give (or replace) its envelope. The envelope file of a
+message streamed to disk also holds its header block (the file, the body only): without it, the
+body is sent as it is. Exit status 1 when something stays in quarantine. Works while the relay
+runs."""
 
 
 def _add_recover_command(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -475,8 +477,11 @@ def _recover_one(db: SpoolDB, orphan: OrphanedBody, given: SavedEnvelope | None,
 def _complete(given: SavedEnvelope, orphan: OrphanedBody) -> SavedEnvelope:
     """Fill in what --from/--to cannot say, the way the listener would have."""
     previous = orphan.envelope
-    data = orphan.path.read_bytes()
-    options = ["BODY=8BITMIME"] if not data.isascii() else []
+    # A streamed body's header block is only in its sidecar: without one, the file is sent as
+    # the whole message.
+    head = previous.head if previous else None
+    ascii_only = (head or b"").isascii() and orphan.path.read_bytes().isascii()
+    options = ["BODY=8BITMIME"] if not ascii_only else []
     if not all(address.isascii() for address in (given.mail_from, *given.recipients)):
         options.append("SMTPUTF8")
     return SavedEnvelope(
@@ -485,7 +490,7 @@ def _complete(given: SavedEnvelope, orphan: OrphanedBody) -> SavedEnvelope:
         priority=previous.priority if previous else given.priority,
         client=previous.client if previous else None,
         auth_user=previous.auth_user if previous else None,
-        listener=previous.listener if previous else None)
+        listener=previous.listener if previous else None, head=head)
 
 
 def _rules_test(args: argparse.Namespace) -> int:

@@ -33,7 +33,8 @@ class Envelope:
     # ESMTP options the client used that must be repeated upstream (BODY=8BITMIME, SMTPUTF8).
     mail_options: tuple[str, ...] = ()
     # A streamed message: ``data`` is then only the header block, and the body (from the blank
-    # line on) waits in this file under the spool's bodies/ directory, to be joined to it.
+    # line on) waits in this file under the spool's bodies/ directory. The spool renames it
+    # into place (never joined to the header block): take ``size`` before spooling.
     body_file: Path | None = None
     # The named upstream the rules chose (``route``), and the envelope sender the client gave
     # when a ``rewrite`` changed it (None: not rewritten; ``context.mail_from`` is what is sent).

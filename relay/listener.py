@@ -401,7 +401,8 @@ class RelaySMTP(SMTP):
             status = await self._call_handler_hook("DATA")
         finally:
             self.received = None
-            if received.body_file is not None:  # not spooled: a refusal or an error
+            # Not spooled (a refusal or an error); once spooled, the file has its final name.
+            if received.body_file is not None:
                 with contextlib.suppress(FileNotFoundError):
                     received.body_file.unlink()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -750,7 +751,8 @@ class RelayHandler:
                                 last=received.last)
         except MessageRefused as refusal:
             return refusal.reply
-        # The rules edit the header block only; the body is joined to it once, after them.
+        # The rules edit the header block only; a streamed body stays in its file, stored
+        # beside the final header block (never joined to it).
         outcome = apply_rules(self.state.config.rules, ctx, head,
                               client_headers=self.listener.client_headers)
         self._count_rules(outcome.matched, outcome.fixed, outcome.dropped, outcome.warnings,

@@ -15,16 +15,20 @@ _CRLF = b"\r\n"
 
 
 class MessageFile:
-    """An open spool body file (the whole message as spooled) and its size."""
+    """A spooled message read from its body file: ``head`` (the header block, from the spool
+    row, when the file holds only the body) then the file; ``size`` counts both."""
 
-    __slots__ = ("_file", "size")
+    __slots__ = ("_file", "head", "size")
 
-    def __init__(self, file: BinaryIO, size: int) -> None:
+    def __init__(self, file: BinaryIO, size: int, head: bytes = b"") -> None:
         self._file = file
+        self.head = head
         self.size = size
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The file from its start, ``CHUNK`` octets at a time."""
+        """The head, then the file from its start, ``CHUNK`` octets at a time."""
+        if self.head:
+            yield self.head
         await asyncio.to_thread(self._file.seek, 0)  # a retry sends it again from the start
         while chunk := await asyncio.to_thread(self._file.read, CHUNK):
             yield chunk

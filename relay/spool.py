@@ -30,6 +30,7 @@ from relay.bodyfiles import (
     ORPHANED_DIR,
     OrphanedBody,
     SavedEnvelope,
+    adopt_partial,
     count_orphans,
     envelope_path,
     fsync_dir,
@@ -37,7 +38,6 @@ from relay.bodyfiles import (
     quarantine_unknown,
     remove_partial_bodies,
     restore_files,
-    write_joined,
     write_synced,
 )
 from relay.envelope import DEFAULT_UPSTREAM, Envelope
@@ -61,6 +61,17 @@ LOCK_FILE = "relay.lock"
 FILE_BODY_THRESHOLD = 64 * 1024
 # Concurrent large-body writes: enough for a burst of uploads to fsync side by side.
 BODY_WRITERS = 16
+# Where a message's bytes are: the `body_file` column.
+IN_ROW = 0  # `data` holds the whole message
+# bodies/<id> holds the whole message, `data` is NULL: a large message the relay had whole in
+# memory (a header block near its 256 KiB limit and a small body; a caller of insert), and
+# every body file of spools written before SPLIT.
+WHOLE_FILE = 1
+# `data` holds the header block as the rules left it, bodies/<id> the rest (from the blank line
+# on) where the listener streamed it: a large body is written to disk once.
+SPLIT = 2
+# The rows that have a body file (and sidecar) in bodies/.
+_HAS_BODY_FILE = "body_file IN (1, 2)"
 _MAX_BATCH = 512
 
 _SCHEMA = """
@@ -458,20 +469,20 @@ class SpoolDB:
         ctx = envelope.context
         recipients = _encode_recipients(Recipient(address) for address in ctx.rcpt_tos)
         size = envelope.size if written is None else written
-        in_file = in_body_file(envelope, size)
-        if in_file and written is None:
+        kind = body_kind(envelope, size)
+        if kind != IN_ROW and written is None:
             self.write_body_files(envelope, priority, now)
         try:
             self.conn.execute(
                 _INSERT,
                 (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
                  json.dumps(list(envelope.mail_options)), size, ctx.client_ip,
-                 ctx.auth_user, ctx.listener, None if in_file else envelope.data, int(in_file),
-                 _kept_headers(envelope.data) if self.keep_headers else None,
+                 ctx.auth_user, ctx.listener, None if kind == WHOLE_FILE else envelope.data,
+                 kind, _kept_headers(envelope.data) if self.keep_headers else None,
                  envelope.route, envelope.original_mail_from),
             )
         except sqlite3.Error:
-            if in_file:
+            if kind != IN_ROW:
                 for path in self._body_files(ctx.queue_id):
                     with contextlib.suppress(OSError):
                         path.unlink()
@@ -480,9 +491,11 @@ class SpoolDB:
     def write_body_files(self, envelope: Envelope, priority: int, now: float) -> None:
         """Write and fsync a message's body file and sidecar (no database: any thread)."""
         ctx = envelope.context
+        # A streamed body's file lacks the header block: the sidecar keeps it for recovery.
+        head = envelope.data if envelope.body_file is not None else None
         saved = SavedEnvelope(ctx.mail_from, ctx.rcpt_tos, envelope.mail_options, priority,
                               now, ctx.client_ip, ctx.auth_user, ctx.listener, envelope.route,
-                              envelope.original_mail_from)
+                              envelope.original_mail_from, head)
         self._write_body(ctx.queue_id, envelope, saved)
 
     def _body_path(self, message_id: str) -> Path:
@@ -496,16 +509,16 @@ class SpoolDB:
     def _write_body(self, message_id: str, envelope: Envelope, saved: SavedEnvelope) -> None:
         """Write and fsync a body file and its envelope sidecar before the row commits.
 
-        The sidecar lets `queue recover` send the body again exactly if the row is ever lost;
-        the two files share one fsync of the directory.
+        A streamed body is not written again: its file is fsynced and renamed (SPLIT). The
+        sidecar lets `queue recover` send the message again exactly if the row is ever lost;
+        the rename and the two files share one fsync of the directory.
         """
         self.bodies.mkdir(mode=0o700, exist_ok=True)
         body, sidecar = self._body_files(message_id)
         if envelope.body_file is None:
             write_synced(body, envelope.data)
         else:
-            write_joined(body, envelope.data, envelope.body_file)
-            envelope.body_file.unlink()
+            adopt_partial(body, envelope.body_file)
         try:
             write_synced(sidecar, saved.to_json())
             fsync_dir(self.bodies)
@@ -704,14 +717,19 @@ class SpoolDB:
         Never deleted: a crash between body write and commit (nobody was told 250) and a lost
         or replaced database (everything was told 250) leave the same traces.
         """
-        states = dict(self.conn.execute("SELECT id, state FROM messages WHERE body_file = 1"))
+        states = dict(self.conn.execute(
+            f"SELECT id, state FROM messages WHERE {_HAS_BODY_FILE}"))  # noqa: S608
         return quarantine_unknown(self.bodies, states)
 
     def orphans(self) -> list[OrphanedBody]:
         return list_orphans(self.bodies)
 
     def recover(self, orphan: OrphanedBody, saved: SavedEnvelope, now: float) -> None:
-        """Re-import a quarantined body as a queued message with its original id."""
+        """Re-import a quarantined body as a queued message with its original id.
+
+        A sidecar with a header block (``head``) means the file holds the body alone (SPLIT);
+        one without, written before bodies were kept apart, the whole message (WHOLE_FILE).
+        """
         if self.get(orphan.id) is not None:
             raise SpoolError(f"{orphan.id} is already in the spool; its quarantined copy "
                              f"{orphan.path} was left alone")
@@ -719,11 +737,12 @@ class SpoolDB:
         # next start quarantines again.
         restore_files(self.bodies, orphan, saved)
         recipients = _encode_recipients(Recipient(address) for address in saved.recipients)
+        kind = WHOLE_FILE if saved.head is None else SPLIT
         self.transaction(lambda: self.conn.execute(
             _INSERT, (orphan.id, saved.priority, saved.created or now, now, now,
                       saved.mail_from, recipients, json.dumps(list(saved.mail_options)),
-                      orphan.size, saved.client, saved.auth_user, saved.listener, None, 1,
-                      None, saved.route, saved.original_mail_from)))
+                      orphan.size, saved.client, saved.auth_user, saved.listener, saved.head,
+                      kind, None, saved.route, saved.original_mail_from)))
 
     def prune_delivered(self, older_than: float, report_cutoff: float | None = None) -> int:
         """Delete delivered and bounced records last changed before ``older_than``; one that
@@ -745,38 +764,44 @@ class SpoolDB:
                                 (message_id,)).fetchone()
         return _row_to_message(row) if row else None
 
-    def _stored(self, message_id: str) -> bytes | Path | None:
-        """A message's bytes when they are in the row, its body file's path, or None."""
+    def _stored(self, message_id: str) -> bytes | tuple[bytes, Path] | None:
+        """A message's bytes when they are in the row; (what goes before the body file, the
+        file's path) when it has one; None when its bytes are gone (delivered) or it is."""
         row = self.conn.execute("SELECT data, body_file, state FROM messages WHERE id=?",
                                 (message_id,)).fetchone()
         if row is None:
             return None
-        if row[0] is not None:
-            return bytes(row[0])
-        if not row[1] or row[2] == "delivered":
+        data, kind, state = row
+        if kind == IN_ROW:
+            return None if data is None else bytes(data)
+        # A SPLIT row that let go of its header block (_RECORD_DELIVERED) let go of its file.
+        if state == "delivered" or (kind == SPLIT and data is None):
             return None
-        return self._body_path(message_id)
+        return (b"" if kind == WHOLE_FILE else bytes(data)), self._body_path(message_id)
 
     def data(self, message_id: str) -> bytes | None:
         """The whole message in memory (inspection, recovery); delivery streams source()."""
         stored = self._stored(message_id)
-        if not isinstance(stored, Path):
+        if not isinstance(stored, tuple):
             return stored
+        head, path = stored
         try:
-            return stored.read_bytes()
+            return head + path.read_bytes()
         except FileNotFoundError:
             return None
 
     def source(self, message_id: str) -> MessageData | None:
-        """What to send: the bytes of a small message, an open file for a body file."""
+        """What to send: the bytes of a small message; for a body file, the header block kept
+        in the row (if any) and the file, opened."""
         stored = self._stored(message_id)
-        if not isinstance(stored, Path):
+        if not isinstance(stored, tuple):
             return stored
+        head, path = stored
         try:
-            file = stored.open("rb")
+            file = path.open("rb")
         except FileNotFoundError:
             return None
-        return MessageFile(file, os.fstat(file.fileno()).st_size)
+        return MessageFile(file, len(head) + os.fstat(file.fileno()).st_size, head)
 
     def due(self, now: float, limit: int, route: str | None = None
             ) -> list[tuple[str, int, float]]:
@@ -853,9 +878,11 @@ def _kept_headers(data: bytes) -> bytes:
     return head[:head.rfind(b"\r\n", 0, _MAX_KEPT_HEADERS) + 2]
 
 
-def in_body_file(envelope: Envelope, size: int) -> bool:
-    """Whether a message's body goes to a file of its own (streamed, or large)."""
-    return envelope.body_file is not None or size > FILE_BODY_THRESHOLD
+def body_kind(envelope: Envelope, size: int) -> int:
+    """Where a message of ``size`` octets is stored: IN_ROW, WHOLE_FILE or SPLIT (streamed)."""
+    if envelope.body_file is not None:
+        return SPLIT
+    return WHOLE_FILE if size > FILE_BODY_THRESHOLD else IN_ROW
 
 
 def worker_spool_dir(directory: Path, index: int) -> Path:
@@ -924,7 +951,8 @@ def absorb_spool(target: SpoolDB, source_dir: Path) -> int:
 
 
 def _move_body_files(source: SpoolDB, target: SpoolDB) -> None:
-    for (message_id,) in source.conn.execute("SELECT id FROM messages WHERE body_file = 1"):
+    for (message_id,) in source.conn.execute(
+            f"SELECT id FROM messages WHERE {_HAS_BODY_FILE}"):  # noqa: S608
         for moved_from in source._body_files(message_id):
             if moved_from.exists():
                 target.bodies.mkdir(mode=0o700, exist_ok=True)
@@ -1063,8 +1091,8 @@ class Spool:
         its fsync would hold up the group commit of every small message behind it.
         """
         now = time.time()
-        size = envelope.size
-        if not in_body_file(envelope, size):
+        size = envelope.size  # before the streamed body's file is renamed
+        if body_kind(envelope, size) == IN_ROW:
             await self._submit(lambda db: db.insert(envelope, priority, now), write=True)
             return
         try:

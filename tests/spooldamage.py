@@ -29,6 +29,21 @@ def _store(db: SpoolDB, queue_id: str, data: bytes) -> None:
     db.transaction(lambda: db.insert(Envelope(ctx, data), 1, time.time()))
 
 
+def store_streamed(db: SpoolDB, queue_id: str, head: bytes, body: bytes) -> int:
+    """Store a message as the listener hands over a streamed one: the header block in memory,
+    the body (from the blank line on) in ``bodies/<id>.partial``. Returns the partial's inode."""
+    db.bodies.mkdir(mode=0o700, exist_ok=True)
+    partial = db.bodies / f"{queue_id}.partial"
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+        file.write(body)  # created as the listener creates it
+    ctx = MessageContext(queue_id, "app@x.test", ("a@y.test",), "127.0.0.1", None, "local",
+                         len(head) + len(body))
+    envelope = Envelope(ctx, head, ("BODY=8BITMIME",), partial)
+    inode = partial.stat().st_ino
+    db.transaction(lambda: db.insert(envelope, 1, time.time()))
+    return inode
+
+
 def overwrite_middle_page(path: Path) -> None:
     """4 KiB of garbage over a page in the middle of the file: damage quick_check finds."""
     size = path.stat().st_size

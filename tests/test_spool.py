@@ -21,16 +21,32 @@ from spooldamage import (
     make_spool_with_rows,
     make_wrong_schema,
     overwrite_middle_page,
+    store_streamed,
 )
 
 import relay.spool as spool_module
 from relay.bodyfiles import ORPHANED_DIR, SavedEnvelope
 from relay.envelope import Envelope, MessageContext
 from relay.errors import SpoolError
-from relay.spool import DB_NAME, LOCK_FILE, Outcome, Recipient, Spool, SpoolDB, absorb_spool
+from relay.outgoing import DotStuffer, MessageFile
+from relay.spool import (
+    DB_NAME,
+    LOCK_FILE,
+    SPLIT,
+    WHOLE_FILE,
+    Outcome,
+    Recipient,
+    Spool,
+    SpoolDB,
+    absorb_spool,
+)
 
 LARGE = b"Received: from client ([127.0.0.1])\r\n\tby relay; id X\r\n" + b"x" * 100_000
 SMALL = b"Subject: small\r\n\r\nhello\r\n"
+# A streamed message as the listener hands it over: the header block (8-bit, as a client may
+# send it) and the body from the blank line on, with lines that need dot-stuffing.
+HEAD = b"Received: from client\r\n\tby relay; id S\r\nSubject: caf\xc3\xa9\r\n"
+BODY = b"\r\n" + b"".join(b".line %06d\r\n" % n for n in range(12_000))
 
 
 def store(db: SpoolDB, queue_id: str, data: bytes = LARGE, *, priority: int = 1) -> None:
@@ -242,6 +258,170 @@ def test_the_json_of_a_sidecar_round_trips() -> None:
     saved = SavedEnvelope("a@x.test", ("b@y.test",), ("SMTPUTF8",), 0, 1.5, "::1", None, "l")
     assert SavedEnvelope.from_json(saved.to_json()) == saved
     assert json.loads(saved.to_json())["recipients"] == ["b@y.test"]
+    assert "head" not in json.loads(saved.to_json())  # the file is the whole message
+    split = SavedEnvelope("a@x.test", ("b@y.test",), head=HEAD)
+    assert SavedEnvelope.from_json(split.to_json()).head == HEAD
+
+
+def test_a_sidecar_with_a_damaged_head_is_refused() -> None:
+    raw = json.loads(SavedEnvelope("a@x.test", ("b@y.test",), head=HEAD).to_json())
+    raw["head"] = "not base64!"
+    with pytest.raises(ValueError, match="head is not base64"):
+        SavedEnvelope.from_json(json.dumps(raw).encode())
+
+
+# --------------------------------------------------------------------------- streamed (split)
+
+
+def read_source(db: SpoolDB, queue_id: str) -> bytes:
+    """What delivery sends (before dot-stuffing), read the way the upload reads it."""
+    source = db.source(queue_id)
+    assert isinstance(source, MessageFile)
+
+    async def read() -> bytes:
+        return b"".join([chunk async for chunk in source.chunks()])
+
+    try:
+        data = asyncio.run(read())
+        assert asyncio.run(read()) == data  # a retry sends it again from the start
+        assert source.size == len(data)
+    finally:
+        source.close()
+    return data
+
+
+def stuffed(chunks: list[bytes]) -> bytes:
+    stuffer = DotStuffer()
+    return b"".join(stuffer.feed(chunk) for chunk in chunks) + stuffer.finish()
+
+
+def test_a_streamed_body_is_renamed_into_place_not_copied(spool_dir: Path) -> None:
+    db = SpoolDB(spool_dir)
+    inode = store_streamed(db, "SPLIT1", HEAD, BODY)
+    body = spool_dir / "bodies" / "SPLIT1"
+    assert names(spool_dir / "bodies") == ["SPLIT1", "SPLIT1.env"]  # the partial is gone
+    # The very file the listener wrote, holding the body only: it was written once.
+    assert body.stat().st_ino == inode
+    assert body.read_bytes() == BODY
+    row = db.conn.execute("SELECT data, body_file, size FROM messages WHERE id='SPLIT1'"
+                          ).fetchone()
+    assert (bytes(row[0]), row[1], row[2]) == (HEAD, SPLIT, len(HEAD) + len(BODY))
+    assert SavedEnvelope.from_json((spool_dir / "bodies" / "SPLIT1.env").read_bytes()).head \
+        == HEAD
+
+
+def test_a_split_message_is_read_and_sent_whole(spool_dir: Path) -> None:
+    db = SpoolDB(spool_dir)
+    store_streamed(db, "SPLIT2", HEAD, BODY)
+    assert db.data("SPLIT2") == HEAD + BODY
+    assert read_source(db, "SPLIT2") == HEAD + BODY
+    # Dot-stuffed across the head/body seam as the whole message would be.
+    assert stuffed([HEAD, BODY]) == stuffed([HEAD + BODY])
+    assert db.get("SPLIT2").size == len(HEAD) + len(BODY)  # type: ignore[union-attr]
+
+
+def test_a_body_file_row_of_an_old_spool_is_still_sent_whole(spool_dir: Path) -> None:
+    db = SpoolDB(spool_dir)
+    store(db, "OLD")  # a large message held in memory: the whole of it in the file
+    row = db.conn.execute("SELECT data, body_file FROM messages WHERE id='OLD'").fetchone()
+    assert row == (None, WHOLE_FILE)
+    assert (spool_dir / "bodies" / "OLD").read_bytes() == LARGE
+    assert "head" not in json.loads((spool_dir / "bodies" / "OLD.env").read_bytes())
+    assert db.data("OLD") == LARGE
+    assert read_source(db, "OLD") == LARGE
+
+
+def test_a_delivered_split_message_drops_its_head_and_files(spool_dir: Path) -> None:
+    db = SpoolDB(spool_dir)
+    store_streamed(db, "SPLIT3", HEAD, BODY)
+    outcome = Outcome((Recipient("a@y.test", "delivered"),), "delivered", 0.0, 1, "250 ok")
+    db.transaction(lambda: db.record("SPLIT3", outcome, time.time()))
+    assert db.conn.execute("SELECT data FROM messages WHERE id='SPLIT3'").fetchone() == (None,)
+    assert names(spool_dir / "bodies") == []
+    assert db.data("SPLIT3") is None and db.source("SPLIT3") is None
+
+
+def test_a_failed_split_message_keeps_its_headers_for_the_dsn(spool_dir: Path) -> None:
+    db = SpoolDB(spool_dir)
+    store_streamed(db, "SPLIT4", HEAD, BODY)
+    assert db._headers("SPLIT4") == HEAD  # from the row, without reading the body file
+    db.keep_headers = True
+    store_streamed(db, "SPLIT5", HEAD, BODY)
+    assert db.conn.execute("SELECT headers FROM messages WHERE id='SPLIT5'").fetchone() == \
+        (HEAD,)
+
+
+def test_a_split_orphan_is_quarantined_and_recovered_exactly(spool_dir: Path) -> None:
+    db = SpoolDB(spool_dir)
+    store_streamed(db, "KEEP", HEAD, BODY)
+    store_streamed(db, "LOST", HEAD, BODY)
+    db.conn.execute("DELETE FROM messages WHERE id='LOST'")
+    assert db.quarantine_orphan_bodies() == ["LOST"]  # KEEP (SPLIT) has a row: kept
+    assert names(spool_dir / "bodies" / ORPHANED_DIR) == ["LOST", "LOST.env"]
+    [orphan] = db.orphans()
+    assert orphan.size == len(HEAD) + len(BODY)  # the message's, not the file's
+    assert orphan.envelope is not None and orphan.envelope.head == HEAD
+
+    db.recover(orphan, orphan.envelope, time.time())
+    row = db.conn.execute("SELECT data, body_file, size FROM messages WHERE id='LOST'"
+                          ).fetchone()
+    assert (bytes(row[0]), row[1], row[2]) == (HEAD, SPLIT, len(HEAD) + len(BODY))
+    assert db.data("LOST") == HEAD + BODY
+    assert read_source(db, "LOST") == HEAD + BODY
+    assert db.get("LOST").mail_options == ("BODY=8BITMIME",)  # type: ignore[union-attr]
+    assert db.quarantine_orphan_bodies() == []  # the next start keeps it
+
+
+def test_an_old_sidecar_without_head_recovers_the_file_as_the_whole_message(
+        spool_dir: Path) -> None:
+    db = SpoolDB(spool_dir)
+    quarantine = spool_dir / "bodies" / ORPHANED_DIR
+    quarantine.mkdir(parents=True)
+    (quarantine / "OLDFMT").write_bytes(LARGE)
+    # A sidecar as relays before named upstreams and split bodies wrote it.
+    (quarantine / "OLDFMT.env").write_bytes(
+        b'{"mail_from":"app@x.test","recipients":["a@y.test"],"mail_options":[],'
+        b'"priority":1,"created":5.0,"client":null,"auth_user":null,"listener":"local"}')
+    [orphan] = db.orphans()
+    assert orphan.envelope is not None and orphan.envelope.head is None
+    assert orphan.size == len(LARGE)
+    db.recover(orphan, orphan.envelope, time.time())
+    row = db.conn.execute("SELECT data, body_file FROM messages WHERE id='OLDFMT'").fetchone()
+    assert row == (None, WHOLE_FILE)
+    assert db.data("OLDFMT") == LARGE
+    assert read_source(db, "OLDFMT") == LARGE
+
+
+def test_absorbing_a_worker_spool_moves_split_bodies(tmp_path: Path) -> None:
+    source = SpoolDB(tmp_path / "worker-1")
+    store_streamed(source, "SPLITW", HEAD, BODY)
+    source.close()
+    target = SpoolDB(tmp_path / "main")
+    assert absorb_spool(target, tmp_path / "worker-1") == 1
+    assert names(tmp_path / "main" / "bodies") == ["SPLITW", "SPLITW.env"]
+    assert target.quarantine_orphan_bodies() == []
+    assert target.data("SPLITW") == HEAD + BODY
+
+
+def test_a_split_message_put_through_the_spool_is_stored_split(spool_dir: Path) -> None:
+    """Spool.put: the body file and sidecar in a worker thread, then the row."""
+    async def scenario() -> bytes | None:
+        spool = Spool(spool_dir)
+        spool.start()
+        try:
+            spool.db.bodies.mkdir(mode=0o700, exist_ok=True)
+            partial = spool.db.bodies / "PUT.partial"
+            partial.write_bytes(BODY)
+            ctx = MessageContext("PUT", "app@x.test", ("a@y.test",), "127.0.0.1", None,
+                                 "local", 0)
+            await spool.put(Envelope(ctx, HEAD, (), partial), 1)
+            return await spool.data("PUT")
+        finally:
+            await spool.close()
+
+    assert asyncio.run(scenario()) == HEAD + BODY
+    assert (spool_dir / "bodies" / "PUT").stat().st_size == len(BODY)
+    assert names(spool_dir / "bodies") == ["PUT", "PUT.env"]
 
 
 # --------------------------------------------------------------------------- group commit

@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.soak, pytest.mark.slow, pytest.mark.xdist_group("heavy
 MESSAGES = int(os.environ.get("RELAY_SOAK_MESSAGES", "2000"))
 KILLS = int(os.environ.get("RELAY_SOAK_KILLS", "4"))
 CLIENTS = 10
+LARGE_EVERY = 20
 UPSTREAM_CONNECTIONS = 4
 CLIENT_DEADLINE = 120.0  # the whole load, kills and restarts included
 DELIVERY_TIMEOUT = 60.0
@@ -78,9 +79,16 @@ class Ledger:
             return len(self.acked_seqs)
 
 
+def _body(seq: int) -> bytes:
+    """Every LARGE_EVERY-th body is over 64 KiB: streamed to its file, stored apart from its
+    header block, so that kills also land between its rename and its row's commit."""
+    lines = 1500 if seq % LARGE_EVERY == 0 else 1
+    return f"message number {seq}\r\n".encode() + (b"x" * 200 + b"\r\n") * lines
+
+
 def _message(seq: int) -> bytes:
     return (f"From: <load@sender.test>\r\nTo: <user@rcpt.test>\r\nSubject: soak {seq}\r\n"
-            f"X-Test-Seq: {seq}\r\n\r\nmessage number {seq}\r\n" + "x" * 200 + "\r\n").encode()
+            f"X-Test-Seq: {seq}\r\n\r\n").encode() + _body(seq)
 
 
 class _LostInData(Exception):
@@ -166,6 +174,8 @@ def _delivered(fake: FakeUpstream) -> tuple[Counter[str], dict[str, int]]:
         queue_id = id_match.group(1).decode()
         counts[queue_id] += 1
         seqs[queue_id] = int(seq_match.group(1))
+        body = message.data.split(b"\r\n\r\n", 1)[1]
+        assert body == _body(seqs[queue_id]), f"{queue_id}: body not byte-exact"
     return counts, seqs
 
 

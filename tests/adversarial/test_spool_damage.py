@@ -11,7 +11,7 @@ import smtplib
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,13 @@ from spooldamage import (
     make_foreign_sqlite,
     make_spool_with_rows,
     overwrite_middle_page,
+    store_streamed,
 )
 
 from relay.cli import main as cli_main
 from relay.config import load_config, permission_warnings
 from relay.envelope import Envelope, MessageContext
-from relay.spool import DB_NAME, SpoolDB
+from relay.spool import DB_NAME, SPLIT, WHOLE_FILE, SpoolDB
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,10 @@ def test_an_emptied_database_quarantines_the_bodies_and_recover_delivers_them(
     sent = {send_large(relay.address, f"large {n}", f"user{n}@y.test"): f"user{n}@y.test"
             for n in range(3)}
     assert relay.terminate() == 0
-    originals = {queue_id: (spool / "bodies" / queue_id).read_bytes() for queue_id in sent}
+    originals = _stored_messages(spool, sent)
+    for queue_id, message in originals.items():  # streamed: the file holds the body alone
+        assert (spool / "bodies" / queue_id).read_bytes() == message[message.index(b"\r\n\r\n")
+                                                                     + 2:]
     (spool / DB_NAME).write_bytes(b"")  # what the operator found: 0 bytes
 
     relay = start_relay_process(config)
@@ -96,6 +100,41 @@ def test_an_emptied_database_quarantines_the_bodies_and_recover_delivers_them(
         assert message.mail_from == "app@x.test"
     wait_until(lambda: names(spool / "bodies") == ["orphaned"], what="bodies removed")
     assert names(quarantine) == []
+    assert relay.terminate() == 0
+
+
+def _stored_messages(spool: Path, ids: Iterable[str]) -> dict[str, bytes]:
+    """Each message as the spool would send it, checking that it is stored split."""
+    db = SpoolDB(spool, create=False)
+    try:
+        kinds = dict(db.conn.execute("SELECT id, body_file FROM messages"))
+        assert {queue_id: kinds[queue_id] for queue_id in ids} == dict.fromkeys(ids, SPLIT)
+        return {queue_id: db.data(queue_id) or b"" for queue_id in ids}
+    finally:
+        db.close()
+
+
+def test_split_and_old_whole_file_rows_both_deliver_byte_exact(
+        fake_upstream: Any, start_relay_process: StartProcess, tmp_path: Path) -> None:
+    """A spool an older relay wrote (the whole message in the body file) beside split rows."""
+    config = relay_config(tmp_path, fake_upstream)
+    spool = Path(config["queue"]["path"])
+    db = SpoolDB(spool)
+    whole = b"Received: from old\r\n\tby relay; id OLDWHOLE; 1 Jan 2030\r\nSubject: old\r\n\r\n" + \
+        LARGE_BODY
+    ctx = MessageContext("OLDWHOLE", "app@x.test", ("a@y.test",), "127.0.0.1", None, "local", 0)
+    db.transaction(lambda: db.insert(Envelope(ctx, whole), 1, time.time()))
+    head = b"Received: from new\r\n\tby relay; id NEWSPLIT; 1 Jan 2030\r\nSubject: new\r\n"
+    store_streamed(db, "NEWSPLIT", head, b"\r\n.dot first\r\n" + LARGE_BODY)
+    assert dict(db.conn.execute("SELECT id, body_file FROM messages")) == \
+        {"OLDWHOLE": WHOLE_FILE, "NEWSPLIT": SPLIT}
+    db.close()
+
+    relay = start_relay_process(config)
+    received = {_queue_id_of(m.data): m.data for m in fake_upstream.wait_for(2, timeout=20)}
+    assert received == {"OLDWHOLE": whole,
+                        "NEWSPLIT": head + b"\r\n.dot first\r\n" + LARGE_BODY}
+    wait_until(lambda: names(spool / "bodies") == [], what="bodies removed")
     assert relay.terminate() == 0
 
 
