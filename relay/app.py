@@ -22,6 +22,7 @@ from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError
 from relay.httpserver import HTTPServer, health_app
 from relay.listener import ListenerState, protocol_factory
+from relay.memory import keep_releasing_free_memory, release_free_memory
 from relay.metrics import Metrics
 from relay.pidfile import remove_pid, write_pid
 from relay.proxyserver import ProxyListener
@@ -129,6 +130,8 @@ class Server:
             write_pid(config.queue.path)
             if (interval := sdnotify.watchdog_interval()) is not None:
                 self._background(sdnotify.keep_watchdog_fed(interval), "watchdog")
+        if release_free_memory is not None:
+            self._background(keep_releasing_free_memory(release_free_memory), "memory-trim")
         counts = await self.spool.counts()
         pending = counts["queued"] + counts["deferred"]
         upstreams = ", ".join(f"{u.name} {u.host}:{u.port} ({u.tls})"
