@@ -280,7 +280,7 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    from bench.report import COLORS, _bars  # noqa: PLC0415
+    from bench.report import COLORS, _bars, save_figure  # noqa: PLC0415
 
     meta, systems = results["meta"], results["systems"]
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
@@ -319,13 +319,9 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
                   "large_final.p99_ms"]),
           "Acceptance latency during the burst: end of DATA -> 250 (lower is better)", "ms",
           log=True)
-    fig.suptitle(f"Burst: {meta['clients']} clients x {meta['size_mib']:g} MiB at once - "
-                 f"infobip-relay vs Postfix {meta.get('postfix') or ''} ({meta['started']})",
-                 fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"Burst: {meta['clients']} clients x {meta['size_mib']:g} MiB at once - "
+                     f"infobip-relay vs Postfix {meta.get('postfix') or ''} ({meta['started']})",
+                path)
 
 
 def _tls(tmp: Path) -> tuple[Path, Path, Path]:

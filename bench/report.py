@@ -273,9 +273,15 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
             series[f"{system} PSS"].insert(1, None)
     _bars(axes[2], groups, series, "Memory summed over all processes: RSS, and PSS (shared "
           "pages split between processes; lower is better)", "MiB")
-    fig.suptitle(f"infobip-relay vs Postfix {meta.get('postfix') or ''} "
-                 f"({meta.get('rounds')} rounds, medians; {meta.get('started', '')})",
-                 fontsize=10)
+    save_figure(fig, f"infobip-relay vs Postfix {meta.get('postfix') or ''} "
+                     f"({meta.get('rounds')} rounds, medians; {meta.get('started', '')})", path)
+
+
+def save_figure(fig: Any, title: str, path: Path) -> None:
+    """Title, lay out and write a chart, then free it."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

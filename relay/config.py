@@ -695,14 +695,7 @@ def _upstream_password(section: Section, env: Mapping[str, str],
         password_file = Path(env["INFOBIP_API_KEY_FILE"])
         source = " (from INFOBIP_API_KEY_FILE)"
     if password_file is not None:
-        try:
-            text = password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(section.at("password_file"),
-                              f"cannot read {password_file}{source}: {exc.strerror}") from None
-        if not text:
-            raise ConfigError(section.at("password_file"), f"{password_file}{source} is empty")
-        return Secret(text), password_file
+        return _secret_file(password_file, section.at("password_file"), source), password_file
     if password is None:
         password = env.get("INFOBIP_API_KEY")
     if not password:
@@ -712,6 +705,17 @@ def _upstream_password(section: Section, env: Mapping[str, str],
                           f"no API key: set {where}{section.at('password')} or "
                           f"{section.at('password_file')}")
     return Secret(str(password)), None
+
+
+def _secret_file(path: Path, key: str, source: str = "") -> Secret:
+    """The secret in ``path`` (surrounding whitespace dropped); ConfigError at ``key``."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}{source}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(key, f"{path}{source} is empty")
+    return Secret(text)
 
 
 def _build_queue(raw: object, env: Mapping[str, str], base_dir: Path | None,
@@ -817,14 +821,7 @@ def _pull_api_key(section: Section, key_file: Path | None, upstream_key: Secret)
     if given is not None and key_file is not None:
         raise ConfigError(section.at("api_key_file"), "give api_key or api_key_file, not both")
     if key_file is not None:
-        try:
-            text = key_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(section.at("api_key_file"),
-                              f"cannot read {key_file}: {exc.strerror}") from None
-        if not text:
-            raise ConfigError(section.at("api_key_file"), f"{key_file} is empty")
-        return Secret(text)
+        return _secret_file(key_file, section.at("api_key_file"))
     if given is not None:
         if not str(given).strip():
             raise ConfigError(section.at("api_key"), "is empty")
