@@ -947,3 +947,59 @@ def test_secret_behaviour() -> None:
     assert secret == Secret("s3cret") and secret != Secret("other") and secret != "s3cret"
     assert hash(secret) == hash(Secret("s3cret"))
     assert bool(secret) and not Secret("")
+
+
+# --------------------------------------------------------------------------- reports
+
+_TOKEN = "t0ken-t0ken-t0ken-t0ken"
+
+
+@pytest.mark.parametrize(("text", "path", "words"), [
+    ("reports: {pull: {}}", "reports.pull.base_url", "required"),
+    ("reports: {pull: {base_url: 'http://x.api.infobip.com'}}", "reports.pull.base_url",
+     "TLS is mandatory"),
+    ("reports: {pull: {base_url: 'https://x.api.infobip.com/email'}}", "reports.pull.base_url",
+     "no path"),
+    ("reports: {pull: {base_url: 'https://x.api.infobip.com', interval: 0s}}",
+     "reports.pull.interval", "at least 1s"),
+    ("reports: {pull: {base_url: 'https://x.api.infobip.com', ca_file: nope.pem}}",
+     "reports.pull.ca_file", "not found"),
+    ("reports: {pull: {base_url: 'https://x.api.infobip.com', api_key: k, api_key_file: f}}",
+     "reports.pull.api_key_file", "not both"),
+    ("reports: {pull: {base_url: 'https://x.api.infobip.com', api_key_file: missing}}",
+     "reports.pull.api_key_file", "cannot read"),
+    ("reports: {webhook: {}}", "reports.webhook.token", "required"),
+    ("reports: {webhook: {token: short}}", "reports.webhook.token", "16 characters"),
+    ("reports: {webhook: {token: 'has space in it, long'}}", "reports.webhook.token",
+     "letters, digits"),
+    (f"reports: {{webhook: {{token: {_TOKEN}, path: 'no/slash'}}}}", "reports.webhook.path",
+     "URL path"),
+    (f"reports: {{webhook: {{token: {_TOKEN}, port: 70000}}}}", "reports.webhook.port", ""),
+    (f"reports: {{webhook: {{token: {_TOKEN}, tokn: x}}}}", "reports.webhook.tokn",
+     "did you mean token?"),
+    ("reports: {bounces: {sender: 'not an address'}}", "reports.bounces.sender",
+     "not a valid address"),
+    ("reports: {bounces: {sender: 'pöstmaster@example.com'}}", "reports.bounces.sender",
+     "ASCII"),
+    ("reports: {bounce: {}}", "reports.bounce", ""),
+])
+def test_reports_errors_name_the_key(tmp_path: Path, text: str, path: str, words: str) -> None:
+    error = load_error(tmp_path, text + "\n")
+    assert_path(error, path)
+    assert words in error.message
+
+
+def test_reports_defaults_and_secrets(tmp_path: Path) -> None:
+    config = load(tmp_path, "reports:\n  pull: {base_url: 'https://x.api.infobip.com/'}\n"
+                            f"  webhook: {{token: {_TOKEN}}}\n")
+    pull, webhook = config.reports.pull, config.reports.webhook
+    assert pull is not None and webhook is not None
+    assert pull.base_url == "https://x.api.infobip.com"
+    assert pull.api_key == config.upstream.password  # the same API key by default
+    assert (webhook.address, webhook.port, webhook.path) == ("127.0.0.1", 9470,
+                                                             "/infobip/reports")
+    assert config.reports.callback_data == "{queue_id}"
+    secrets = set(iter_secret_values(config))
+    assert {_TOKEN, config.upstream.password.reveal()} <= secrets
+    assert _TOKEN not in str(redacted(config))
+    assert load(tmp_path, "reports: {callback_data: null}\n").reports.callback_data is None
