@@ -37,7 +37,8 @@ METRIC = re.compile(r"\brelay_[a-z0-9_]+\b")
 ALERTS = ("InfobipRelayUpstreamDown", "InfobipRelayUpstreamAuthFailing",
           "InfobipRelayOldestMessageStuck", "InfobipRelayFailedMessages",
           "InfobipRelaySpoolNotWritable", "InfobipRelayRestartingOften",
-          "InfobipRelayQueueGrowing")
+          "InfobipRelayQueueGrowing", "InfobipRelayUpstreamThrottled",
+          "InfobipRelayReportsPullFailing")
 
 
 # --------------------------------------------------------------------------- promtool
