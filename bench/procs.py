@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,11 +22,22 @@ _state = {"installed": False}
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+# Below Linux's ephemeral range (32768-60999 by default): the kernel never gives these ports to
+# outgoing connections. A port from bind(0) is ephemeral, and a relay's own upstream connection
+# could take it between our check and the relay's bind (CI saw exactly that: EADDRINUSE).
+_PORTS = (20000, 32000)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind port 0, read it back, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port outside the ephemeral range that was free on ``host`` a moment ago."""
+    while True:
+        port = random.randrange(*_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # taken: try another
+            return port
 
 
 def wait_port(port: int, timeout: float, host: str = "127.0.0.1",
