@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+from collections.abc import Iterator
 
 # RFC 5321 4.5.3.1: local part 64 octets, domain 255, path 256 including the brackets.
 MAX_LOCAL_PART = 64
@@ -77,17 +78,30 @@ def parse_path(argument: str) -> tuple[str, str]:
 
 def _closing_bracket(text: str) -> int:
     """The index of the ``>`` that ends the path: one inside a quoted local part does not."""
+    for index, char in outside_quotes(text, 1):
+        if char == ">":
+            return index
+    raise AddressError(501, "5.5.4", "the address has no closing >")
+
+
+def outside_quotes(text: str, start: int = 0) -> Iterator[tuple[int, str]]:
+    """(index, char) for each character of ``text[start:]`` outside a quoted string.
+
+    A quoted string runs from one ``"`` to the next, with backslash escapes inside it
+    (RFC 5321 Quoted-string, RFC 5322 quoted-string); the quote marks themselves are outside.
+    """
     quoted = escaped = False
-    for index, char in enumerate(text[1:], start=1):
+    for index in range(start, len(text)):
+        char = text[index]
         if escaped:
             escaped = False
         elif char == "\\" and quoted:
             escaped = True
         elif char == '"':
             quoted = not quoted
-        elif char == ">" and not quoted:
-            return index
-    raise AddressError(501, "5.5.4", "the address has no closing >")
+            yield index, char
+        elif not quoted:
+            yield index, char
 
 
 def check_mailbox(mailbox: str) -> None:

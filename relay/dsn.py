@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from relay.address import outside_quotes
 from relay.headers import CRLF, MAX_LINE_LENGTH, header_end
 from relay.message import fix_lines
 
@@ -252,20 +253,9 @@ def _uncomment(value: str) -> str:
 
 def _split_params(value: str) -> list[str]:
     """``value`` split at the semicolons that are not inside a quoted string."""
-    pieces = [""]
-    quoted = escaped = False
-    for char in value:
-        if escaped:
-            escaped = False
-        elif char == "\\" and quoted:
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char == ";" and not quoted:
-            pieces.append("")
-            continue
-        pieces[-1] += char
-    return pieces
+    cuts = [index for index, char in outside_quotes(value) if char == ";"]
+    return [value[start + 1:end] for start, end in zip([-1, *cuts], [*cuts, len(value)],
+                                                       strict=True)]
 
 
 def _param(params: list[str], wanted: str) -> str:
