@@ -7,6 +7,7 @@ the whole-message path (``relay.message.prepare``); tests/test_streaming.py chec
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from relay.headers import CRLF, MAX_LINE_LENGTH, header_end
@@ -15,6 +16,12 @@ from relay.message import crlf_line_endings
 _END = b"\r\n.\r\n"
 _LINE_DOT = b"\r\n."
 _CRLF_LINES = (b"", b"")  # CRLF.split(CRLF)
+# Each starts with a literal, which the regex engine looks for at memchr speed; one pattern
+# for both (or a leading look-behind) tests every octet and is ten times slower.
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+# A line within the limit: its LF at most this far after the previous line's LF.
+_REACH = MAX_LINE_LENGTH + 2
 # A break goes before the octet at these offsets of a line: 998, then every 997 more
 # (relay.message._broken: the first piece keeps 998 octets, each continuation 1 + 997).
 _FIRST_BREAK = MAX_LINE_LENGTH
@@ -124,15 +131,19 @@ class BodyFixer:
             data = data[:-1]
         if not data:
             return data
-        # One split serves both checks: it counts the CRLFs (a bare CR or LF makes the counts
-        # of CR or LF differ) and gives the line lengths. Counting bytes is C-speed; the fixes
-        # below run only for the rare piece that needs them.
-        lines = data.split(CRLF)
-        crlfs = len(lines) - 1
-        if data.count(b"\n") != crlfs or data.count(b"\r") != crlfs:
-            data = crlf_line_endings(data)
-            lines = data.split(CRLF)
-        return self._emit(data, lines)
+        if _BARE_LF.search(data) is None and _BARE_CR.search(data) is None and \
+                _lines_fit(data, self._column):
+            return self._pass(data)  # the usual case: nothing to fix
+        data = crlf_line_endings(data)
+        return self._emit(data, data.split(CRLF))
+
+    def _pass(self, data: bytes) -> bytes:
+        """``data`` unchanged; its last line continues the current one."""
+        self._empty = False
+        self._crlf_end = data.endswith(CRLF)
+        last_lf = data.rfind(b"\n")
+        self._column = len(data) - last_lf - 1 if last_lf >= 0 else self._column + len(data)
+        return data
 
     def finish(self) -> bytes:
         """The rest: a held CR as a line ending, and a final CRLF when the body lacks one."""
@@ -146,18 +157,27 @@ class BodyFixer:
         """``data`` (CRLF line endings only, split into ``lines``) with long lines broken."""
         self._empty = False
         self._crlf_end = data.endswith(CRLF)
-        # The first line continues the current one; if it fits, so does every line up to the
-        # longest (lines[0] is counted again, harmlessly: it is no longer than with its column).
-        if self._column + len(lines[0]) <= MAX_LINE_LENGTH and \
-                max(map(len, lines)) <= MAX_LINE_LENGTH:
-            self._column = len(lines[-1]) if len(lines) > 1 else self._column + len(lines[-1])
-            return data  # the usual case: no line reaches the limit
         fixed = []
         for index, line in enumerate(lines):
             column = self._column if index == 0 else 0
             fixed.append(_break_from(line, column))
             self._column = column + len(line)
         return CRLF.join(fixed)
+
+
+def _lines_fit(data: bytes, column: int) -> bool:
+    """Whether no line of ``data`` (CRLF endings) exceeds 998 octets, the first continuing a
+    line that has ``column`` octets already."""
+    if column > MAX_LINE_LENGTH:
+        return False
+    last_lf = -1 - column  # where the current line's LF would have been
+    end = len(data)
+    while end - last_lf > MAX_LINE_LENGTH + 1:  # what follows the last LF is still too long
+        # The farthest LF within reach: one C search per ~1,000 octets rather than per line.
+        last_lf = data.rfind(b"\n", max(last_lf + 1, 0), last_lf + 1 + _REACH)
+        if last_lf < 0:
+            return False
+    return True
 
 
 def _break_from(segment: bytes, column: int) -> bytes:

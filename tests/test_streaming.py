@@ -15,7 +15,7 @@ from relay.envelope import MessageContext
 from relay.message import Arrival, MessageRefused, prepare, prepare_head
 from relay.outgoing import CHUNK, DotStuffer, MessageFile
 from relay.spool import BODIES_DIR, Spool, SpoolDB, absorb_spool
-from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter
+from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter, _lines_fit
 
 CTX = MessageContext(queue_id="Q1", mail_from="a@b", rcpt_tos=("c@d",), client_ip="192.0.2.1",
                      auth_user=None, listener="l", size=1,
@@ -119,6 +119,26 @@ def test_any_input_and_split_even_unterminated(wire: bytes, cuts: list[int]) -> 
 @given(wires.map(lambda w: w + b"\r\n.\r\n"))
 def test_one_octet_at_a_time(wire: bytes) -> None:
     _check(wire, list(range(len(wire))))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.integers(0, 2100), min_size=1, max_size=8), st.integers(0, 1100))
+def test_lines_fit_agrees_with_splitting_every_line(lengths: list[int], column: int) -> None:
+    """The fixer's fast check (one search per ~1,000 octets) against the obvious oracle."""
+    data = b"\r\n".join(b"x" * length for length in lengths)
+    lines = data.split(b"\r\n")
+    expected = column + len(lines[0]) <= 998 and all(len(line) <= 998 for line in lines[1:])
+    assert _lines_fit(data, column) is expected
+
+
+def test_lines_fit_at_the_limit() -> None:
+    for data, column, fits in [(b"x" * 998, 0, True), (b"x" * 999, 0, False),
+                               (b"x" * 500, 498, True), (b"x" * 500, 499, False),
+                               (b"\r\n" + b"x" * 998 + b"\r\n", 998, True),
+                               (b"\r\n", 999, False), (b"", 998, True),
+                               (b"x" * 998 + b"\r\n" + b"y" * 998, 0, True),
+                               (b"a\r\n" + b"y" * 999 + b"\r\nb", 0, False)]:
+        assert _lines_fit(data, column) is fits, (len(data), column)
 
 
 def test_known_cases() -> None:
