@@ -22,7 +22,7 @@ from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError
 from relay.httpserver import HTTPServer, health_app
 from relay.listener import ListenerState, protocol_factory
-from relay.memory import keep_releasing_free_memory, release_free_memory
+from relay.memory import keep_heap_between_messages, keep_releasing_free_memory, release_free_memory
 from relay.metrics import Metrics
 from relay.pidfile import remove_pid, write_pid
 from relay.proxyserver import ProxyListener
@@ -131,6 +131,7 @@ class Server:
             if (interval := sdnotify.watchdog_interval()) is not None:
                 self._background(sdnotify.keep_watchdog_fed(interval), "watchdog")
         if release_free_memory is not None:
+            keep_heap_between_messages()  # only with the trim below to give the heap back
             self._background(keep_releasing_free_memory(release_free_memory), "memory-trim")
         counts = await self.spool.counts()
         pending = counts["queued"] + counts["deferred"]
