@@ -28,10 +28,22 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 _PORTS = (20000, 32000)
 
 
+def _port_range() -> tuple[int, int]:
+    """``_PORTS``, or under pytest-xdist this worker's own slice of it: two workers drawing
+    the same port between the check and the bind is a collision no retry here can see."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count > 0):
+        return _PORTS
+    span = (_PORTS[1] - _PORTS[0]) // count
+    start = _PORTS[0] + int(worker[2:]) % count * span
+    return start, start + span
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port outside the ephemeral range that was free on ``host`` a moment ago."""
     while True:
-        port = random.randrange(*_PORTS)
+        port = random.randrange(*_port_range())
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))

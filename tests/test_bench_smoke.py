@@ -25,6 +25,7 @@ import trustme
 
 from bench import burst
 from bench.load import latency_stats, percentile, probe_match, probe_message
+from bench.procs import _port_range
 from bench.report import describe_case, draw_chart, format_table, summarize
 from bench.runner import MIB, Case, Options, Part, mix_case, run_benchmark, split
 from bench.sink import CaseCount, SinkCluster, count_case, smtp_source_match
@@ -287,3 +288,18 @@ def test_one_tiny_round_of_every_case() -> None:
     assert results["ceiling"]["mix"]["ok"]
     summary = summarize(results)
     assert summary["systems"]["relay"]["mix"]["rounds_ok"] == 1
+
+
+@pytest.mark.parametrize(("worker", "count", "expected"), [
+    ("", "", (20000, 32000)),           # not under xdist: the whole range
+    ("gw0", "4", (20000, 23000)),
+    ("gw3", "4", (29000, 32000)),
+    ("gw1", "6", (22000, 24000)),
+    ("master", "4", (20000, 32000)),
+])
+def test_each_xdist_worker_draws_ports_from_its_own_slice(
+        monkeypatch: pytest.MonkeyPatch, worker: str, count: str,
+        expected: tuple[int, int]) -> None:
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", count)
+    assert _port_range() == expected
