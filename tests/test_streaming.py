@@ -7,15 +7,24 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.bodyfiles import PARTIAL_SUFFIX
 from relay.envelope import MessageContext
-from relay.message import Arrival, MessageRefused, prepare, prepare_head
+from relay.message import Arrival, MessageRefused, fix_lines, prepare, prepare_head
 from relay.outgoing import CHUNK, DotStuffer, MessageFile
 from relay.spool import BODIES_DIR, Spool, SpoolDB, absorb_spool
-from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter, _lines_fit
+from relay.streaming import _BARE_CR as BARE_CR
+from relay.streaming import _BARE_LF as BARE_LF
+from relay.streaming import (
+    BodyFixer,
+    DataDecoder,
+    HeaderSplitter,
+    _lines_fit,
+    _nothing_to_fix_vector,
+)
 
 CTX = MessageContext(queue_id="Q1", mail_from="a@b", rcpt_tos=("c@d",), client_ip="192.0.2.1",
                      auth_user=None, listener="l", size=1,
@@ -139,6 +148,32 @@ def test_lines_fit_at_the_limit() -> None:
                                (b"x" * 998 + b"\r\n" + b"y" * 998, 0, True),
                                (b"a\r\n" + b"y" * 999 + b"\r\nb", 0, False)]:
         assert _lines_fit(data, column) is fits, (len(data), column)
+
+
+_LINE_ATOMS = st.sampled_from([b"\r\n", b"\r\n", b"\r", b"\n", b"x", b"\n\r", b"\r\r\n"])
+_RUNS = st.integers(min_value=1, max_value=1100).map(lambda n: b"y" * n)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.one_of(_LINE_ATOMS, _LINE_ATOMS, _RUNS), min_size=1, max_size=30)
+       .map(b"".join).filter(lambda d: not d.endswith(b"\r")), st.integers(0, 1000))
+def test_the_vector_check_agrees_with_the_regex_check(data: bytes, column: int) -> None:
+    """Large pieces are checked with numpy, small ones with regexes: the same verdict."""
+    plain = BARE_LF.search(data) is None and BARE_CR.search(data) is None and \
+        _lines_fit(data, column)
+    assert _nothing_to_fix_vector(data, column) is plain
+
+
+@pytest.mark.parametrize("line", [b"z" * 76, b"z" * 998, b"z" * 999, b"z" * 2500])
+@pytest.mark.parametrize("flaw", [b"", b"\n", b"\r", b"\r\r\n"])
+def test_large_pieces_fixed_as_the_whole_message_path(line: bytes, flaw: bytes) -> None:
+    """Pieces of 64 KiB and more (the numpy path) give what fix_lines gives the whole body."""
+    body = (line + b"\r\n") * (300_000 // len(line))
+    body = body[:150_001] + flaw + body[150_001:]
+    fixer = BodyFixer()
+    pieces = [body[start:start + 65_536] for start in range(0, len(body), 65_536)]
+    out = b"".join(fixer.feed(piece) for piece in pieces) + fixer.finish()
+    assert out == fix_lines(body, last=True)
 
 
 def test_known_cases() -> None:
