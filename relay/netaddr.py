@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -15,14 +16,22 @@ def network_of(ip: str, networks: Iterable[IPNetwork]) -> IPNetwork | None:
     IPv4 client) is in a network that holds either spelling, and a zone index (``%eth0``) is
     ignored.
     """
-    try:
-        address = ipaddress.ip_address(ip.partition("%")[0])
-    except ValueError:
-        return None
-    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        candidates.append(address.ipv4_mapped)
+    candidates = _spellings(ip)
     for network in networks:
         if any(candidate in network for candidate in candidates):
             return network
     return None
+
+
+# Asked for every MAIL and rule evaluation, mostly about the same few clients: parsing the
+# address cost more than the lookup. Bounded, and keyed by the string as the socket gave it.
+@functools.lru_cache(maxsize=4096)
+def _spellings(ip: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """``ip`` as an address, plus its IPv4 form when it is IPv4-mapped; () when no address."""
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return ()
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address, address.ipv4_mapped
+    return (address,)
