@@ -451,10 +451,12 @@ async def _pipelined_envelope(smtp: aiosmtplib.SMTP, mail: list[bytes],
                 await replies.next(timeouts.command)  # a refusal (no recipients): ignored
             else:
                 smtp.close()
-        if error is None and replies.pending:
+        if replies.pending and smtp.is_connected:
+            # More than one reply per command: whatever comes next would be mispaired.
             smtp.close()
-            raise aiosmtplib.SMTPServerDisconnected(
-                "the upstream sent more than the replies to MAIL, RCPT and DATA")
+            if error is None:
+                raise aiosmtplib.SMTPServerDisconnected(
+                    "the upstream sent more than the replies to MAIL, RCPT and DATA")
     if error is not None:
         raise error
     return refused
