@@ -25,6 +25,7 @@ from relay.config import UpstreamConfig
 from relay.errors import RelayError
 from relay.infobip.replies import parse_message_id
 from relay.outgoing import DotStuffer, MessageData, message_size
+from relay.pipelining import ReplyReader
 
 log = logging.getLogger("relay.upstream")
 
@@ -379,16 +380,22 @@ async def _transaction(smtp: aiosmtplib.SMTP, sender: bytes, recipients: dict[st
                        ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
     """MAIL, RCPT..., DATA, with the addresses exactly as spooled (aiosmtplib would re-parse them).
 
+    Pipelined (RFC 2920) when the upstream advertises PIPELINING: MAIL, every RCPT and DATA go out
+    in one write, then their replies are read in order (one round trip instead of 2 + recipients).
     The spool holds CRLF-normalised bytes already; sendmail would normalise them twice more
     and dot-stuff with a regex, which dominated the cost of large messages.
     """
     options = [option.encode("ascii") for option in mail_options]
     if smtp.supports_extension("size"):
         options.insert(0, b"SIZE=%d" % message_size(data))
+    mail = [b"MAIL", b"FROM:<" + sender + b">", *options]
     try:
-        await _command(smtp, [b"MAIL", b"FROM:<" + sender + b">", *options], timeouts,
-                       ok=(250,))
-        refused: dict[str, aiosmtplib.SMTPResponse] = {}
+        if smtp.supports_extension("pipelining"):
+            refused = await _pipelined_envelope(smtp, mail, recipients, timeouts)
+            response = await _message(smtp, data, timeouts)
+            return refused, response.message
+        await _command(smtp, mail, timeouts, ok=(250,))
+        refused = {}
         errors: list[aiosmtplib.SMTPRecipientRefused] = []
         for name, address in recipients.items():
             try:
@@ -404,6 +411,80 @@ async def _transaction(smtp: aiosmtplib.SMTP, sender: bytes, recipients: dict[st
         await _reset_or_drop(smtp, timeouts)
         raise
     return refused, response.message
+
+
+async def _pipelined_envelope(smtp: aiosmtplib.SMTP, mail: list[bytes],
+                              recipients: dict[str, bytes], timeouts: _Timeouts
+                              ) -> dict[str, aiosmtplib.SMTPResponse]:
+    """MAIL, each RCPT and DATA in one write; the refused recipients once DATA got its 354.
+
+    Raises like the lockstep commands would: SMTPResponseException with MAIL's reply (503: out
+    of step), with a RCPT's 503 (out of step), SMTPRecipientsRefused, SMTPDataError. Every reply
+    of the group is read first, whatever went wrong, so the session stays in step (a 421 ends it:
+    the server is closing). A 354 that must not be followed by the message gets a lone dot when
+    only the recipients were refused (the server has no recipient to deliver to: RFC 2920 3.1,
+    as Postfix does); otherwise the server's transaction state is unknown and the connection is
+    dropped without completing DATA, so that nothing can be delivered.
+    """
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    group = [mail, *([b"RCPT", b"TO:<" + address + b">"] for address in recipients.values()),
+             [b"DATA"]]
+    with ReplyReader(protocol) as replies:
+        replies.send(group)
+        received: list[aiosmtplib.SMTPResponse] = []
+        for _ in group:
+            reply = await replies.next(timeouts.command)
+            if reply.code == 421:
+                # Service closing (the fake, Infobip and Postfix close right after): no more
+                # replies will come. Closed as aiosmtplib's execute_command does.
+                smtp.close()
+                raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
+            received.append(reply)
+        mail_reply, *rcpt_replies, start = received
+        refused, error = _envelope_verdict(mail_reply, dict(zip(recipients, rcpt_replies,
+                                                                strict=True)), start)
+        if start.code == 354 and error is not None:
+            if isinstance(error, aiosmtplib.SMTPRecipientsRefused):
+                replies.write(b".\r\n")
+                await replies.next(timeouts.command)  # a refusal (no recipients): ignored
+            else:
+                smtp.close()
+        if replies.pending and smtp.is_connected:
+            # More than one reply per command: whatever comes next would be mispaired.
+            smtp.close()
+            if error is None:
+                raise aiosmtplib.SMTPServerDisconnected(
+                    "the upstream sent more than the replies to MAIL, RCPT and DATA")
+    if error is not None:
+        raise error
+    return refused
+
+
+def _envelope_verdict(mail: aiosmtplib.SMTPResponse, rcpts: dict[str, aiosmtplib.SMTPResponse],
+                      start: aiosmtplib.SMTPResponse
+                      ) -> tuple[dict[str, aiosmtplib.SMTPResponse], Exception | None]:
+    """(refused recipients, the error the lockstep commands would have raised or None)."""
+    if mail.code != 250:
+        # The RCPT and DATA replies (503 need MAIL, typically) only follow from this one.
+        return {}, aiosmtplib.SMTPResponseException(mail.code, mail.message)
+    refused: dict[str, aiosmtplib.SMTPResponse] = {}
+    errors: list[aiosmtplib.SMTPRecipientRefused] = []
+    for name, reply in rcpts.items():
+        if reply.code in (250, 251):
+            continue
+        if reply.code == 503:
+            # Out of step whichever command it answers: never one recipient's verdict.
+            return {}, aiosmtplib.SMTPResponseException(reply.code, reply.message)
+        refused[name] = reply
+        errors.append(aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, name))
+    if len(errors) == len(rcpts):
+        # DATA's reply (503 no valid recipients, typically) only follows from these.
+        return refused, aiosmtplib.SMTPRecipientsRefused(errors)
+    if start.code != 354:
+        return refused, aiosmtplib.SMTPDataError(start.code, start.message)
+    return refused, None
 
 
 async def _command(smtp: aiosmtplib.SMTP, words: list[bytes], timeouts: _Timeouts, *,
@@ -432,6 +513,12 @@ async def _data(smtp: aiosmtplib.SMTP, data: MessageData, timeouts: _Timeouts
     start = await smtp.execute_command(b"DATA", timeout=timeouts.command)
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
+    return await _message(smtp, data, timeouts)
+
+
+async def _message(smtp: aiosmtplib.SMTP, data: MessageData, timeouts: _Timeouts
+                   ) -> aiosmtplib.SMTPResponse:
+    """After the 354: the message, the final dot, the final reply."""
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("connection lost before the message data")

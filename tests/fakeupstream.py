@@ -4,6 +4,12 @@ Runs aiosmtpd on 127.0.0.1 in a background thread with its own event loop, answe
 SMTP API (EHLO lines, enhanced status codes, ``Message queued as <id>``), records every accepted
 message and lets the test thread inject failures, drops and outages at runtime.
 
+Strict about command synchronization like Exim: without PIPELINING advertised
+(``pipelining=False``) a command sent before the previous reply was written gets ``554 SMTP
+synchronization error`` and the connection closes; with it, MAIL, RCPT and RSET may be pipelined
+but EHLO, DATA, AUTH, STARTTLS, NOOP, QUIT... must end a group (RFC 2920 3.1). Each transaction
+is recorded in ``transactions`` with whether MAIL, the RCPTs and DATA arrived in one read.
+
 Usage::
 
     with FakeUpstream(tls="starttls") as fake:
@@ -57,12 +63,13 @@ __all__ = [
     "Received",
     "SessionRecord",
     "TlsMode",
+    "TransactionRecord",
 ]
 
 TlsMode = Literal["starttls", "implicit", "none"]
-FailStage = Literal["connect", "auth", "mail", "rcpt", "data"]
+FailStage = Literal["connect", "auth", "mail", "rcpt", "data_start", "data"]
 DropStage = Literal["connect", "mail", "rcpt", "data"]
-DelayStage = Literal["mail", "rcpt", "data"]
+DelayStage = Literal["mail", "rcpt", "data_start", "data"]
 
 INFOBIP_HOSTNAME: Final = "smtp.email-messaging.com"
 INFOBIP_SIZE_LIMIT: Final = 20_971_520
@@ -73,6 +80,9 @@ _TLS_MODES: Final = frozenset(get_args(TlsMode))
 _FAIL_STAGES: Final = frozenset(get_args(FailStage))
 _DROP_STAGES: Final = frozenset(get_args(DropStage))
 _DELAY_STAGES: Final = frozenset(get_args(DelayStage))
+# RFC 2920 3.1: the commands that may appear anywhere in a group (SEND, SOML, SAML aside); any
+# other one must be the last, i.e. nothing may follow it before its reply.
+_PIPELINABLE: Final = frozenset({"MAIL", "RCPT", "RSET"})
 
 
 def _quiet_mail_log() -> None:
@@ -104,6 +114,8 @@ class Received:
     mail_options: list[str] = field(default_factory=list)
     # time.monotonic() when the final dot was answered (pacing and ordering tests).
     received_at: float = 0.0
+    # MAIL, every RCPT and DATA arrived in one read (a pipelining client).
+    pipelined: bool = False
 
     def parsed(self) -> email.message.EmailMessage:
         """The data parsed with the modern email policy."""
@@ -120,6 +132,16 @@ class SessionRecord:
     peer: Any
     tls: bool
     auth_mechanism: str | None = None
+
+
+@dataclass(frozen=True)
+class TransactionRecord:
+    """One MAIL ... DATA command sequence (recorded at DATA, whatever the replies)."""
+
+    session_id: int
+    rcpt_commands: int
+    # MAIL, every RCPT and DATA arrived in one read and nothing followed DATA: pipelined.
+    pipelined: bool
 
 
 class FakeUpstreamFactory(Protocol):
@@ -146,7 +168,16 @@ class _FakeSMTP(SMTP):
         self.session_mechanism: str | None = None  # not "auth_*": aiosmtpd scans that prefix
         if fake.line_length_limit is not None:
             self.line_length_limit = fake.line_length_limit
+        # Synchronization and pipelining bookkeeping (see _synchronized).
+        self.reads = 0  # data_received calls
+        self.last_read = b""
+        self.group_start: tuple[int, bytes] | None = None  # (reads, input after MAIL) at MAIL
+        self.rcpt_commands = 0
+        self.pipelined = False
+        self.held_replies: list[bytes] = []
         super().__init__(_Handler(fake), **kwargs)
+        self._smtp_methods = {name: self._synchronized(name, method)
+                              for name, method in self._smtp_methods.items()}
 
     def tls_active(self) -> bool:
         """Implicit TLS from the first byte, or STARTTLS completed."""
@@ -163,6 +194,63 @@ class _FakeSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self.fake._on_disconnect(self)
         super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        self.reads += 1
+        self.last_read = bytes(data)
+        super().data_received(data)
+
+    # -- command synchronization (RFC 2920, Exim's check_sync) ----------------------------------
+    def input_pending(self) -> bool:
+        """Whether the client sent more than the command being handled (before its reply)."""
+        return bool(self._reader._buffer)  # type: ignore[attr-defined]
+
+    def _synchronized(self, command: str, method: Any) -> Any:
+        async def checked(arg: str | None) -> None:
+            if self.input_pending() and (not self.fake.pipelining
+                                         or command not in _PIPELINABLE):
+                self.fake._count_sync_error()
+                await self.flush_replies()
+                await self.push("554 SMTP synchronization error")
+                assert self.transport is not None
+                self.transport.close()
+                raise _Closed
+            if command == "MAIL":
+                self._start_group()
+            elif command == "RCPT":
+                self.rcpt_commands += 1
+            elif command == "DATA":
+                self._end_group()
+            await method(arg)
+
+        return checked
+
+    def _start_group(self) -> None:
+        rest = bytes(self._reader._buffer)  # type: ignore[attr-defined]
+        read = self.last_read
+        # The MAIL line and the rest of the group came in the same read.
+        head = read[: len(read) - len(rest)]
+        one_read = read.endswith(rest) and head.count(b"\n") == 1 \
+            and head[:5].upper() == b"MAIL "
+        self.group_start = (self.reads, rest) if one_read else None
+        self.rcpt_commands = 0
+
+    def _end_group(self) -> None:
+        start, self.group_start = self.group_start, None
+        lines = start[1].split(b"\r\n") if start is not None else []
+        self.pipelined = (
+            start is not None and start[0] == self.reads
+            and len(lines) == self.rcpt_commands + 2 and lines[-1] == b""
+            and lines[-2].upper() == b"DATA"
+            and all(line[:5].upper() == b"RCPT " for line in lines[:-2])
+        )
+        self.fake._record_transaction(self, self.rcpt_commands, self.pipelined)
+
+    async def flush_replies(self) -> None:
+        """Write the replies held back by ``coalesce_replies`` (in one write)."""
+        if self.held_replies:
+            held, self.held_replies = self.held_replies, []
+            await super().push(b"\r\n".join(held))
 
     async def _handle_client(self) -> None:
         if self.fake._take_drop("connect"):
@@ -186,12 +274,20 @@ class _FakeSMTP(SMTP):
     async def push(self, status: Any) -> None:
         if status == "220 Ready to start TLS":
             status = "220 2.0.0 Ready to start TLS"
+        if self.fake.coalesce_replies:
+            # As Postfix and Exim do: replies wait while more commands are already in, then go
+            # out together (all the replies to a pipelined group in one write).
+            self.held_replies.append(status.encode() if isinstance(status, str) else status)
+            if not self.input_pending():
+                await self.flush_replies()
+            return
         await super().push(status)
 
     async def reply_and_close_if_421(self, reply: str) -> str:
         """A 421 means "closing channel": send it, close, and end the session."""
         if reply.startswith("421"):
             await self.push(reply)
+            await self.flush_replies()
             assert self.transport is not None
             self.transport.close()
             raise _Closed
@@ -241,9 +337,29 @@ class _FakeSMTP(SMTP):
         await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
+        await self.fake._delay("data_start")
         if await self._refused_before_tls() or await self._refused_unauthenticated():
             return
+        assert self.envelope is not None
+        reply = self.fake._take_failure("data_start")
+        if reply is not None:
+            await self.push(await self.reply_and_close_if_421(reply))
+            return
+        if (self.fake.data_without_recipients and self.envelope.mail_from is not None
+                and not self.envelope.rcpt_tos):
+            await self._data_without_recipients()
+            return
         await super().smtp_DATA(arg)
+
+    async def _data_without_recipients(self) -> None:
+        """A misbehaving server: 354 with no recipient, reads the data, then refuses it."""
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        lines: list[bytes] = []
+        while (line := await self._reader.readuntil(b"\r\n")) != b".\r\n":
+            lines.append(line)
+        self.fake._record_orphan(b"".join(lines))
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("554 5.5.1 Error: no valid recipients")
 
 
 class _Handler:
@@ -269,7 +385,9 @@ class _Handler:
             lines.append("AUTH LOGIN PLAIN")
         if fake.smtputf8:
             lines.append("SMTPUTF8")
-        lines += ["ENHANCEDSTATUSCODES", "PIPELINING"]
+        lines.append("ENHANCEDSTATUSCODES")
+        if fake.pipelining:
+            lines.append("PIPELINING")
         return [f"250-{line}" for line in lines] + ["250 OK"]
 
     def handle_STARTTLS(self, server: _FakeSMTP, session: Session, envelope: Envelope) -> bool:
@@ -362,11 +480,19 @@ class FakeUpstream:
         smtputf8: bool = False,
         line_length_limit: int | None = None,
         idle_timeout: float = 300.0,
+        pipelining: bool = True,
+        coalesce_replies: bool = False,
+        data_without_recipients: bool = False,
     ) -> None:
         """Configure (not start) the fake.
 
         ``smtputf8`` advertises SMTPUTF8 (Infobip does not; it is always accepted).
         ``line_length_limit`` overrides aiosmtpd's 1001-octet line limit.
+        ``pipelining=False`` leaves PIPELINING out of EHLO (any pipelined command is then a
+        synchronization error). ``coalesce_replies`` holds replies while more commands are
+        waiting and writes them together. ``data_without_recipients`` answers DATA with 354
+        even when every RCPT was refused (reads the data into ``orphan_data``, then 554), as a
+        misbehaving server would.
         """
         if tls not in _TLS_MODES:
             raise ValueError(f"tls must be one of {sorted(_TLS_MODES)}, not {tls!r}")
@@ -377,6 +503,9 @@ class FakeUpstream:
         self.smtputf8 = smtputf8
         self.line_length_limit = line_length_limit
         self.idle_timeout = idle_timeout
+        self.pipelining = pipelining
+        self.coalesce_replies = coalesce_replies
+        self.data_without_recipients = data_without_recipients
         self._port = port
 
         self.ca = ca if ca is not None else trustme.CA()
@@ -396,6 +525,9 @@ class FakeUpstream:
         self._dropped: list[Received] = []
         self._sessions: dict[int, SessionRecord] = {}
         self._errors: list[BaseException] = []
+        self._transactions: list[TransactionRecord] = []
+        self._orphan_data: list[bytes] = []
+        self._sync_errors = 0
         self._connections = 0
         self._auth_successes = 0
         self._auth_failures = 0
@@ -570,6 +702,24 @@ class FakeUpstream:
             return list(self._errors)
 
     @property
+    def transactions(self) -> list[TransactionRecord]:
+        """Every MAIL ... DATA sequence, in order, with whether it came pipelined."""
+        with self._lock:
+            return list(self._transactions)
+
+    @property
+    def orphan_data(self) -> list[bytes]:
+        """What followed a 354 sent with no recipient (``data_without_recipients``)."""
+        with self._lock:
+            return list(self._orphan_data)
+
+    @property
+    def sync_errors(self) -> int:
+        """Connections closed with ``554 SMTP synchronization error``."""
+        with self._lock:
+            return self._sync_errors
+
+    @property
     def connections(self) -> int:
         """TCP connections accepted (counted once even with STARTTLS)."""
         with self._lock:
@@ -619,7 +769,10 @@ class FakeUpstream:
             self._dropped.clear()
             self._sessions.clear()
             self._errors.clear()
+            self._transactions.clear()
+            self._orphan_data.clear()
             self._connections = self._auth_successes = self._auth_failures = 0
+            self._sync_errors = 0
 
     # -- fault injection ------------------------------------------------------------------------
     def fail_next(
@@ -627,6 +780,7 @@ class FakeUpstream:
     ) -> None:
         """Answer the next ``times`` commands of ``stage`` with ``"<code> <text>"``.
 
+        ``data_start`` answers the DATA command itself (instead of 354), ``data`` the final dot.
         ``connect`` greets with the reply and closes; any 421 closes the connection after replying.
         """
         if stage not in _FAIL_STAGES:
@@ -649,8 +803,9 @@ class FakeUpstream:
     def delay_next(self, stage: DelayStage, seconds: float, times: int = 1) -> None:
         """Hold the reply to the next ``times`` ``stage`` commands for ``seconds``.
 
-        ``data`` delays the reply to the final dot; the message is recorded in ``messages``
-        before the wait, as a slow real server has it whether or not the client waits.
+        ``data_start`` delays the reply to the DATA command, ``data`` the reply to the final dot;
+        the message is recorded in ``messages`` before that wait, as a slow real server has it
+        whether or not the client waits.
         """
         if stage not in _DELAY_STAGES:
             raise ValueError(f"stage must be one of {sorted(_DELAY_STAGES)}, not {stage!r}")
@@ -713,6 +868,19 @@ class FakeUpstream:
             if record is not None:
                 record.tls = True
 
+    def _count_sync_error(self) -> None:
+        with self._lock:
+            self._sync_errors += 1
+
+    def _record_transaction(self, server: _FakeSMTP, rcpt_commands: int, pipelined: bool) -> None:
+        with self._lock:
+            self._transactions.append(
+                TransactionRecord(server.session_id, rcpt_commands, pipelined))
+
+    def _record_orphan(self, data: bytes) -> None:
+        with self._lock:
+            self._orphan_data.append(data)
+
     def _count_auth(self, *, ok: bool) -> None:
         with self._lock:
             if ok:
@@ -752,6 +920,7 @@ class FakeUpstream:
                 session_id=server.session_id,
                 mail_options=list(envelope.mail_options),
                 received_at=time.monotonic(),
+                pipelined=server.pipelined,
             )
             if dropped:
                 self._dropped.append(received)

@@ -251,6 +251,7 @@ def test_reject_one_recipient_with_4xx(fake_upstream: FakeUpstream) -> None:
     [
         ("mail", 451, aiosmtplib.SMTPSenderRefused),
         ("rcpt", 450, aiosmtplib.SMTPRecipientsRefused),
+        ("data_start", 451, aiosmtplib.SMTPDataError),
         ("data", 554, aiosmtplib.SMTPDataError),
     ],
 )
@@ -430,3 +431,74 @@ def test_wait_for_wakes_up_on_arrival(fake_upstream: FakeUpstream) -> None:
     finally:
         sender.join()
     assert msg.rcpt_tos == ["b@example.net"]
+
+
+# -- command synchronization (RFC 2920), as strict as Exim -------------------------------------
+def logged_in_smtplib(fake: FakeUpstream) -> smtplib.SMTP:
+    smtp = smtplib.SMTP("127.0.0.1", fake.port, local_hostname="client.test", timeout=5)
+    smtp.starttls(context=fake.client_ssl_context())
+    smtp.ehlo()
+    smtp.login("App", KEY)
+    return smtp
+
+
+def test_without_pipelining_an_early_command_is_a_synchronization_error(
+        fake_upstream_factory: FakeUpstreamFactory) -> None:
+    fake = fake_upstream_factory(pipelining=False)
+    smtp = logged_in_smtplib(fake)
+    assert not smtp.has_extn("pipelining")
+    smtp.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n")
+    assert smtp.getreply() == (554, b"SMTP synchronization error")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        smtp.getreply()
+    smtp.close()
+    assert fake.sync_errors == 1
+    # In lockstep all is well, and the transaction is recorded as not pipelined.
+    send_once(fake)
+    [msg] = fake.wait_for(1)
+    assert not msg.pipelined
+    assert [(t.rcpt_commands, t.pipelined) for t in fake.transactions] == [(1, False)]
+
+
+def test_with_pipelining_mail_rcpt_and_data_come_in_one_group(
+        fake_upstream: FakeUpstream) -> None:
+    smtp = logged_in_smtplib(fake_upstream)
+    assert smtp.has_extn("pipelining")
+    smtp.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+              b"RCPT TO:<c@example.net>\r\nDATA\r\n")
+    assert [smtp.getreply()[0] for _ in range(4)] == [250, 250, 250, 354]
+    smtp.send(MSG + b".\r\n")
+    assert smtp.getreply()[0] == 250
+    # DATA must end a group: anything sent before its 354 is a synchronization error.
+    smtp.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+              + MSG + b".\r\n")
+    assert [smtp.getreply() for _ in range(3)] == [
+        (250, b"2.1.0 Sender <a@example.com> OK"), (250, b"2.1.5 Recipient <b@example.net> OK"),
+        (554, b"SMTP synchronization error")]
+    smtp.close()
+    [msg] = fake_upstream.wait_for(1)
+    assert msg.pipelined and msg.rcpt_tos == ["b@example.net", "c@example.net"]
+    assert fake_upstream.sync_errors == 1
+    assert [(t.rcpt_commands, t.pipelined) for t in fake_upstream.transactions] == [(2, True)]
+    # aiosmtplib's lockstep is not pipelined, and not an error either.
+    send_once(fake_upstream)
+    assert not fake_upstream.wait_for(2)[1].pipelined
+
+
+def test_coalesced_replies_and_data_without_recipients(
+        fake_upstream_factory: FakeUpstreamFactory) -> None:
+    fake = fake_upstream_factory(coalesce_replies=True, data_without_recipients=True)
+    fake.reject_recipient("b@example.net", 550, "5.1.1 No such user")
+    smtp = logged_in_smtplib(fake)
+    assert smtp.sock is not None
+    smtp.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+    time.sleep(0.3)
+    # All three replies in one read (one TLS record), the 354 despite no recipient.
+    assert smtp.sock.recv(4096) == (b"250 2.1.0 Sender <a@example.com> OK\r\n"
+                                    b"550 5.1.1 No such user\r\n"
+                                    b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    smtp.send(b"x\r\n.\r\n")
+    assert smtp.getreply() == (554, b"5.5.1 Error: no valid recipients")
+    assert smtp.noop()[0] == 250
+    smtp.close()
+    assert fake.orphan_data == [b"x\r\n"] and fake.messages == []
