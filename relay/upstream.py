@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, cast
 
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
@@ -117,6 +117,19 @@ class Upstream(Protocol):
 
 
 UpstreamFactory = Callable[[], Upstream]
+
+
+def _close_now(smtp: aiosmtplib.SMTP,
+               transport: asyncio.BaseTransport | None = None) -> None:
+    """Close the socket at once, without TLS's close_notify exchange: after QUIT's reply
+    nothing is left to say, and a session given up on may never answer it, which held the
+    socket open until the TLS shutdown timed out (30 s). ``transport``: the session's, taken
+    before QUIT (aiosmtplib forgets it once QUIT is answered and starts that shutdown)."""
+    transport = transport or smtp.transport
+    if transport is not None:
+        # uvloop's transports are not asyncio.Transport subclasses: a cast, not isinstance().
+        cast(asyncio.Transport, transport).abort()
+    smtp.close()
 
 
 def connection_factory(config: UpstreamConfig, local_hostname: str
@@ -270,7 +283,7 @@ class UpstreamConnection:
         """Close without QUIT: the session may be mid-transaction or out of step."""
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
-            smtp.close()
+            _close_now(smtp)
 
     async def probe(self) -> None:
         """Connect and authenticate (readiness, start-up check); raises like `send`."""
@@ -280,13 +293,14 @@ class UpstreamConnection:
         smtp, self._smtp = self._smtp, None
         if smtp is None:
             return
+        transport = smtp.transport
         try:
             if smtp.is_connected:
                 await smtp.quit(timeout=5)
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             pass  # the transport goes below all the same
         finally:
-            smtp.close()  # also when QUIT was cancelled: the socket must not leak
+            _close_now(smtp, transport)  # also when QUIT was cancelled: no socket may leak
 
     async def _ready_connection(self) -> aiosmtplib.SMTP:
         smtp = self._smtp
