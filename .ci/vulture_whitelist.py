@@ -5,6 +5,7 @@ from relay.delivery import _Job
 from relay.headers import HeaderBlock
 from relay.infobip.reports import Report
 from relay.listener import RelayHandler, RelaySMTP
+from relay.pipelining import ReplyReader
 from relay.queueshape import bucket_index
 from relay.rules.model import RulesOutcome
 from relay.spool import QueuedMessage
@@ -39,3 +40,6 @@ _Job.seq
 bucket_index
 # asyncio.StreamReader's flow-control mark, raised while DATA streams (listener._stream_data).
 _._limit
+
+# asyncio calls the protocol methods of a transport's protocol (set_protocol) by name.
+ReplyReader.data_received

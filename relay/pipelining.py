@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Sequence
-from types import TracebackType
 
 import aiosmtplib
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
@@ -52,8 +51,7 @@ class ReplyReader(asyncio.Protocol):
         self._transport.set_protocol(self)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._transport.set_protocol(self._protocol)
 
     # -- the client side -------------------------------------------------------------------------
