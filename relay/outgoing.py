@@ -7,11 +7,17 @@ time (off the event loop), each chunk dot-stuffed (``DotStuffer``) and written w
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
 CHUNK = 256 * 1024
 _CRLF = b"\r\n"
+# A piece of a message on its way: what is read from a file comes as a bytearray (no copy).
+Chunk = bytes | bytearray
+# Linux: a read that fails with EAGAIN instead of waiting for the disk.
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 
 class MessageFile:
@@ -25,16 +31,45 @@ class MessageFile:
         self.head = head
         self.size = size
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The head, then the file from its start, ``CHUNK`` octets at a time."""
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """The head, then the file from its start (also on a retry), ``CHUNK`` octets at a time.
+
+        A body just received is still in the page cache: it is read on the event loop, which
+        costs less than the hop to a thread and back; only what would wait for the disk is read
+        in a thread.
+        """
         if self.head:
             yield self.head
-        await asyncio.to_thread(self._file.seek, 0)  # a retry sends it again from the start
-        while chunk := await asyncio.to_thread(self._file.read, CHUNK):
+        descriptor, offset = self._file.fileno(), 0
+        while True:
+            chunk: Chunk | None = _read_cached(descriptor, offset)
+            if chunk is None:
+                chunk = await asyncio.to_thread(os.pread, descriptor, CHUNK, offset)
+            if not chunk:
+                return
+            offset += len(chunk)
             yield chunk
 
     def close(self) -> None:
         self._file.close()
+
+
+def _read_cached(descriptor: int, offset: int) -> bytearray | None:
+    """Up to ``CHUNK`` octets at ``offset`` if the page cache holds them (b"" at the end),
+    None if reading would wait for the disk or the system cannot tell."""
+    if _NOWAIT is None:
+        return None
+    buffer = bytearray(CHUNK)  # not reused: the transport may keep what it is given
+    try:
+        count = os.preadv(descriptor, [buffer], offset, _NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return None  # a file system or kernel without RWF_NOWAIT
+        raise
+    del buffer[count:]
+    return buffer  # a bytearray: what DotStuffer and the transport take, without a copy
 
 
 MessageData = bytes | MessageFile
@@ -57,12 +92,12 @@ class DotStuffer:
         self._context = _CRLF
         self._empty = True
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: Chunk) -> Chunk:
         if not chunk:
             return chunk
         self._empty = False
         context = self._context
-        self._context = chunk[-2:] if len(chunk) >= 2 else (context + chunk)[-2:]
+        self._context = bytes(chunk[-2:] if len(chunk) >= 2 else (context + chunk)[-2:])
         if b"." not in chunk:
             return chunk  # memchr finds no dot at all: the usual case for base64 attachments
         piece = context + chunk

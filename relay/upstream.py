@@ -556,10 +556,11 @@ async def _upload(protocol: SMTPProtocol, data: MessageData) -> None:
     """The message dot-stuffed, then the final dot; a file in chunks, each drained first."""
     stuffer = DotStuffer()
     if isinstance(data, bytes):  # small: in memory already, one write as before
-        protocol.write(stuffer.feed(data) + stuffer.finish())
+        protocol.write(bytes(stuffer.feed(data)) + stuffer.finish())
         return
     async for chunk in data.chunks():
-        protocol.write(stuffer.feed(chunk))
+        # aiosmtplib types it bytes; it hands it to transport.write, which takes a bytearray.
+        protocol.write(cast(bytes, stuffer.feed(chunk)))
         # Backpressure: never more than the transport's high-water mark waits in memory.
         await protocol._drain_helper()
     protocol.write(stuffer.finish())

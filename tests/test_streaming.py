@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay import outgoing
 from relay.bodyfiles import PARTIAL_SUFFIX
 from relay.envelope import MessageContext
 from relay.message import Arrival, MessageRefused, fix_lines, prepare, prepare_head
@@ -222,13 +223,21 @@ def test_dot_stuffing_known_cases() -> None:
                 whole_stuff(data)
 
 
-def test_a_message_file_is_read_in_chunks_from_its_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cached", [True, False], ids=["page-cache-on-loop", "thread"])
+def test_a_message_file_is_read_in_chunks_from_its_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool) -> None:
+    """Read on the loop when the page cache has it (RWF_NOWAIT), else in a thread: the same."""
+    if not cached:
+        monkeypatch.setattr(outgoing, "_NOWAIT", None)
+    else:
+        with open(__file__, "rb") as source:
+            assert outgoing._read_cached(source.fileno(), 0) is not None
     path = tmp_path / "body"
     data = bytes(range(256)) * 4099
     path.write_bytes(data)
     message = MessageFile(path.open("rb"), len(data))
 
-    async def read() -> list[bytes]:
+    async def read() -> list[bytes | bytearray]:
         return [chunk async for chunk in message.chunks()]
 
     try:
