@@ -1225,7 +1225,34 @@ class Spool:
 
     def _commit_writes(self, writes: list[_Op]
                        ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        """Run every write in one transaction; a failing one is rolled back alone (savepoint).
+        """Run every write in one transaction; a failing one is rolled back alone.
+
+        The writes almost never fail, so they first run without a savepoint each (two
+        statements fewer per write, and as many fewer GIL hand-offs for this thread). Only if
+        one raises is the transaction rolled back and the batch run again, each write in its
+        own savepoint.
+        """
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        conn = self.db.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for operation, future, _ in writes:
+                try:
+                    value = operation(self.db)
+                except Exception:  # the batch runs again, each write isolated
+                    conn.execute("ROLLBACK")
+                    self.db.forget_unlinks(0)
+                    return self._commit_isolated(writes)
+                results.append((future, value, None))
+            conn.execute("COMMIT")
+            self.db.unlink_committed()
+        except sqlite3.Error as exc:
+            return self._failed_commit(writes, exc)
+        return results
+
+    def _commit_isolated(self, writes: list[_Op]
+                         ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """Every write in its own savepoint, so that a failing one is rolled back alone.
 
         SQLite may abandon the whole transaction itself (SQLITE_FULL, SQLITE_IOERR): then the
         ROLLBACK TO fails too, and every write of the batch fails, none half-committed.
@@ -1249,12 +1276,16 @@ class Spool:
             conn.execute("COMMIT")
             self.db.unlink_committed()
         except sqlite3.Error as exc:
-            self.db.forget_unlinks(0)
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            error = SpoolError(f"spool commit failed: {exc}")
-            return [(future, None, error) for _, future, _ in writes]
+            return self._failed_commit(writes, exc)
         return results
+
+    def _failed_commit(self, writes: list[_Op], exc: sqlite3.Error
+                       ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        self.db.forget_unlinks(0)
+        with contextlib.suppress(sqlite3.Error):
+            self.db.conn.execute("ROLLBACK")
+        error = SpoolError(f"spool commit failed: {exc}")
+        return [(future, None, error) for _, future, _ in writes]
 
 
 def _log_quarantine(db: SpoolDB, quarantined: list[str]) -> None:
