@@ -10,7 +10,7 @@ from pathlib import Path
 from relay.envelope import Envelope, MessageContext
 from relay.spool import SpoolDB
 
-BIG_BODY = b"Subject: big\r\n\r\n" + b"x" * 100_000  # over 64 KiB: a body file of its own
+BIG_BODY = b"Subject: big\r\n\r\n" + b"x" * 300_000  # over 256 KiB: a body file of its own
 
 
 def make_spool_with_rows(spool_dir: Path, rows: int = 300) -> None:

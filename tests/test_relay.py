@@ -380,7 +380,7 @@ def test_null_sender_gets_a_clear_permanent_refusal(fake_upstream, start_relay):
 
 
 LARGE_BODY = b"".join(b"line %06d of a large report .........................\r\n" % n
-                      for n in range(4000))  # ~220 KB: stored as a file of its own
+                      for n in range(6000))  # ~330 KB: stored as a file of its own
 
 
 def test_large_bodies_live_in_files_until_delivered(fake_upstream, start_relay, capsys):
@@ -416,7 +416,7 @@ def test_orphan_body_files_are_quarantined_at_start(tmp_path):
     db = SpoolDB(spool_dir)
     ctx = MessageContext("KEEPME", "a@example.com", ("b@example.net",), "127.0.0.1", None,
                          "local", 0)
-    db.transaction(lambda: db.insert(Envelope(ctx, b"x" * 100_000), 1, time.time()))
+    db.transaction(lambda: db.insert(Envelope(ctx, b"x" * 300_000), 1, time.time()))
     db.close()
     (spool_dir / "bodies" / "ORPHAN").write_bytes(b"never acknowledged")
 
@@ -428,7 +428,7 @@ def test_orphan_body_files_are_quarantined_at_start(tmp_path):
         finally:
             await spool.close()
 
-    assert asyncio.run(reopen()) == b"x" * 100_000
+    assert asyncio.run(reopen()) == b"x" * 300_000
     assert sorted(p.name for p in (spool_dir / "bodies").iterdir()) == \
         ["KEEPME", "KEEPME.env", "orphaned"]
     assert (spool_dir / "bodies" / "orphaned" / "ORPHAN").read_bytes() == b"never acknowledged"

@@ -41,7 +41,8 @@ from relay.spool import (
     absorb_spool,
 )
 
-LARGE = b"Received: from client ([127.0.0.1])\r\n\tby relay; id X\r\n" + b"x" * 100_000
+# Over FILE_BODY_THRESHOLD: a body file of its own.
+LARGE = b"Received: from client ([127.0.0.1])\r\n\tby relay; id X\r\n" + b"x" * 300_000
 SMALL = b"Subject: small\r\n\r\nhello\r\n"
 # A streamed message as the listener hands it over: the header block (8-bit, as a client may
 # send it) and the body from the blank line on, with lines that need dot-stuffing.

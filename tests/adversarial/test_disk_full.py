@@ -101,8 +101,8 @@ def _fill_spool(relay: ProcessRelay) -> tuple[dict[int, bytes], list[tuple[int, 
     """
     sent: dict[int, bytes] = {}
     refusals: list[tuple[int, str, int, bytes]] = []
-    # Bodies both under and over the 64 KiB inline limit (kept in the database vs. in files).
-    sizes = [20_000, 90_000, 3_000]
+    # Bodies both under and over the 256 KiB inline limit (kept in the database vs. in files).
+    sizes = [20_000, 300_000, 3_000]
     with smtplib.SMTP(*relay.address, timeout=30) as client:
         client.ehlo("app.client.test")
         for seq in range(MAX_ATTEMPTS):

@@ -33,12 +33,12 @@ from relay.spool import DB_NAME, SPLIT, WHOLE_FILE, SpoolDB
 pytestmark = pytest.mark.slow
 
 LARGE_BODY = b"".join(b"%06d a line of a large report ..................................\r\n" % n
-                      for n in range(2200))  # ~150 KB: kept in a body file of its own
+                      for n in range(4400))  # ~300 KB: kept in a body file of its own
 StartProcess = Callable[[dict[str, Any]], ProcessRelay]
 
 
 def send_large(address: tuple[str, int], subject: str, recipient: str) -> str:
-    """Send one ~150 KB message; returns the queue id from the 250 reply."""
+    """Send one ~300 KB message; returns the queue id from the 250 reply."""
     with smtplib.SMTP(*address, timeout=10) as client:
         client.ehlo("client.example.com")
         client.mail("app@x.test")
