@@ -35,10 +35,13 @@ from relay.infobip.priority import priority_value
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 # RFC 5321 caps a line at 998 octets + CRLF; like Postfix (smtp_line_length_limit) longer lines
 # are broken with CRLF + space, which is a valid fold in headers and keeps bodies deliverable.
-# A line over 998 octets is, with its CR, at least 1,000 octets without an LF. Anchored on the
-# LF before it, the search costs one pass over the message (unanchored it would be quadratic).
-_LONG = MAX_LINE_LENGTH + 2
-_LONG_LINE = re.compile(rb"\n[^\n]{%d}" % _LONG)
+# A line within the limit has its LF at most this far after the previous line's LF.
+_REACH = MAX_LINE_LENGTH + 2
+# A bare LF and a bare CR. Each starts with a literal, which the regex engine looks for at
+# memchr speed: about 40 % less time than three counts, and far less than _BARE_LINE_END
+# (its alternation, like a leading look-behind, tests every octet).
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_CR_OR_NUL = re.compile(rb"\r(?!\n)|\x00")
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 PRIORITY_HEADER = "X-IB-Client-Priority"
@@ -137,9 +140,8 @@ def fix_lines(data: bytes, *, last: bool = False) -> bytes:
 
 def has_bare_line_end(data: bytes, start: int = 0) -> bool:
     """Whether ``data[start:]`` holds a CR or an LF that is not part of a CRLF."""
-    # Three counts in C are much cheaper than a regex search, and most mail has none.
-    crlf = data.count(CRLF, start)
-    return data.count(b"\n", start) != crlf or data.count(b"\r", start) != crlf
+    view = memoryview(data)[start:]  # no copy; the look-behind cannot see before ``start``
+    return _BARE_LF.search(view) is not None or _BARE_CR.search(view) is not None
 
 
 def crlf_line_endings(data: bytes) -> bytes:
@@ -149,13 +151,22 @@ def crlf_line_endings(data: bytes) -> bytes:
 
 def has_long_line(data: bytes, start: int = 0) -> bool:
     """Whether a line of ``data[start:]`` (CRLF line endings) is over 998 octets."""
-    tail = data.rfind(b"\n", start) + 1 or start
-    if len(data) - tail > MAX_LINE_LENGTH:
-        return True  # the last line, which has no line ending
-    if tail == start:
-        return False  # that was the only line
-    first = data.find(b"\n", start, start + _LONG)
-    return first < 0 or _LONG_LINE.search(data, first, tail) is not None
+    return not lines_fit(data, start=start)
+
+
+def lines_fit(data: bytes, column: int = 0, *, start: int = 0) -> bool:
+    """Whether no line of ``data[start:]`` (CRLF line endings) exceeds 998 octets, the first
+    continuing a line that has ``column`` octets already (a piece of a streamed body)."""
+    if column > MAX_LINE_LENGTH:
+        return False
+    last_lf = start - 1 - column  # where the current line's LF would have been
+    end = len(data)
+    while end - last_lf > MAX_LINE_LENGTH + 1:  # what follows the last LF is still too long
+        # The farthest LF within reach: one C search per ~1,000 octets rather than per line.
+        last_lf = data.rfind(b"\n", max(last_lf + 1, start), last_lf + 1 + _REACH)
+        if last_lf < 0:
+            return False
+    return True
 
 
 def break_long_lines(data: bytes) -> bytes:

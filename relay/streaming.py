@@ -7,21 +7,16 @@ the whole-message path (``relay.message.prepare``); tests/test_streaming.py chec
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from relay.headers import CRLF, MAX_LINE_LENGTH, header_end
-from relay.message import crlf_line_endings
+from relay.message import crlf_line_endings, has_bare_line_end, lines_fit
 
 _END = b"\r\n.\r\n"
 _LINE_DOT = b"\r\n."
 _CRLF_LINES = (b"", b"")  # CRLF.split(CRLF)
-# Each starts with a literal, which the regex engine looks for at memchr speed; one pattern
-# for both (or a leading look-behind) tests every octet and is ten times slower.
-_BARE_LF = re.compile(rb"\n(?<!\r\n)")
-_BARE_CR = re.compile(rb"\r(?!\n)")
 # A line within the limit: its LF at most this far after the previous line's LF.
 _REACH = MAX_LINE_LENGTH + 2
 # From this size on a piece is checked with numpy (a few vector passes, about a third of the
@@ -175,8 +170,7 @@ def _nothing_to_fix(data: bytes, column: int) -> bool:
     over 998 octets, its first line continuing one of ``column`` octets."""
     if len(data) >= _VECTOR_FROM:
         return _nothing_to_fix_vector(data, column)
-    return _BARE_LF.search(data) is None and _BARE_CR.search(data) is None and \
-        _lines_fit(data, column)
+    return not has_bare_line_end(data) and lines_fit(data, column)
 
 
 def _nothing_to_fix_vector(data: bytes, column: int) -> bool:
@@ -192,21 +186,6 @@ def _nothing_to_fix_vector(data: bytes, column: int) -> bool:
     return column + int(ends[0]) - 1 <= MAX_LINE_LENGTH and \
         len(data) - int(ends[-1]) - 1 <= MAX_LINE_LENGTH and \
         (ends.size == 1 or int(np.diff(ends).max()) <= _REACH)
-
-
-def _lines_fit(data: bytes, column: int) -> bool:
-    """Whether no line of ``data`` (CRLF endings) exceeds 998 octets, the first continuing a
-    line that has ``column`` octets already."""
-    if column > MAX_LINE_LENGTH:
-        return False
-    last_lf = -1 - column  # where the current line's LF would have been
-    end = len(data)
-    while end - last_lf > MAX_LINE_LENGTH + 1:  # what follows the last LF is still too long
-        # The farthest LF within reach: one C search per ~1,000 octets rather than per line.
-        last_lf = data.rfind(b"\n", max(last_lf + 1, 0), last_lf + 1 + _REACH)
-        if last_lf < 0:
-            return False
-    return True
 
 
 def _break_from(segment: bytes, column: int) -> bytes:

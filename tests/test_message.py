@@ -30,6 +30,7 @@ from relay.message import (
     break_long_lines,
     crlf_line_endings,
     fix_lines,
+    has_bare_line_end,
     has_long_line,
     prepare,
     with_protocol,
@@ -140,6 +141,19 @@ def test_long_lines_are_broken_with_crlf_space(line: bytes, expected: bytes) -> 
 ])
 def test_has_long_line(data: bytes, start: int, long: bool) -> None:
     assert has_long_line(data, start) is long
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"a", b"\n\r", b"\r\r\n", b"y" * 600]),
+                max_size=12).map(b"".join), st.integers(0, 30))
+def test_bare_line_ends_and_long_lines_agree_with_splitting(data: bytes, start: int) -> None:
+    """Both checks look at ``data[start:]`` only, as the obvious split of that slice does."""
+    part = data[start:]
+    crlf = part.count(b"\r\n")
+    assert has_bare_line_end(data, start) is (part.count(b"\n") != crlf or
+                                              part.count(b"\r") != crlf)
+    if not has_bare_line_end(data, start):
+        assert has_long_line(data, start) is any(len(line) > 998 for line in part.split(b"\r\n"))
 
 
 # --- the end of the header block -----------------------------------------------------------

@@ -14,16 +14,21 @@ from hypothesis import strategies as st
 from relay import outgoing
 from relay.bodyfiles import PARTIAL_SUFFIX
 from relay.envelope import MessageContext
-from relay.message import Arrival, MessageRefused, fix_lines, prepare, prepare_head
+from relay.message import (
+    Arrival,
+    MessageRefused,
+    fix_lines,
+    has_bare_line_end,
+    lines_fit,
+    prepare,
+    prepare_head,
+)
 from relay.outgoing import CHUNK, DotStuffer, MessageFile
 from relay.spool import BODIES_DIR, Spool, SpoolDB, absorb_spool
-from relay.streaming import _BARE_CR as BARE_CR
-from relay.streaming import _BARE_LF as BARE_LF
 from relay.streaming import (
     BodyFixer,
     DataDecoder,
     HeaderSplitter,
-    _lines_fit,
     _nothing_to_fix_vector,
 )
 
@@ -138,7 +143,7 @@ def test_lines_fit_agrees_with_splitting_every_line(lengths: list[int], column: 
     data = b"\r\n".join(b"x" * length for length in lengths)
     lines = data.split(b"\r\n")
     expected = column + len(lines[0]) <= 998 and all(len(line) <= 998 for line in lines[1:])
-    assert _lines_fit(data, column) is expected
+    assert lines_fit(data, column) is expected
 
 
 def test_lines_fit_at_the_limit() -> None:
@@ -148,7 +153,7 @@ def test_lines_fit_at_the_limit() -> None:
                                (b"\r\n", 999, False), (b"", 998, True),
                                (b"x" * 998 + b"\r\n" + b"y" * 998, 0, True),
                                (b"a\r\n" + b"y" * 999 + b"\r\nb", 0, False)]:
-        assert _lines_fit(data, column) is fits, (len(data), column)
+        assert lines_fit(data, column) is fits, (len(data), column)
 
 
 _LINE_ATOMS = st.sampled_from([b"\r\n", b"\r\n", b"\r", b"\n", b"x", b"\n\r", b"\r\r\n"])
@@ -160,8 +165,7 @@ _RUNS = st.integers(min_value=1, max_value=1100).map(lambda n: b"y" * n)
        .map(b"".join).filter(lambda d: not d.endswith(b"\r")), st.integers(0, 1000))
 def test_the_vector_check_agrees_with_the_regex_check(data: bytes, column: int) -> None:
     """Large pieces are checked with numpy, small ones with regexes: the same verdict."""
-    plain = BARE_LF.search(data) is None and BARE_CR.search(data) is None and \
-        _lines_fit(data, column)
+    plain = not has_bare_line_end(data) and lines_fit(data, column)
     assert _nothing_to_fix_vector(data, column) is plain
 
 
