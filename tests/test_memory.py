@@ -11,42 +11,9 @@ import pytest
 
 from relay.memory import keep_releasing_free_memory, release_free_memory
 
-# Fragment glibc's heap the way a burst of uploads does (64 KiB chunks below the mmap
-# threshold, with small survivors in between), free the chunks, and report RSS before and
-# after the release.
-_FRAGMENT = textwrap.dedent("""
-    import gc
-    from relay.memory import release_free_memory
-
-    def rss_kib():
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
-
-    chunks, keep = [], []
-    for i in range(3000):
-        chunks.append(bytearray(64 * 1024 - 100))
-        keep.append(bytearray(600))
-    del chunks
-    gc.collect()
-    before = rss_kib()
-    release_free_memory()
-    print(before, rss_kib())
-""")
-
-
-@pytest.mark.skipif(release_free_memory is None, reason="no glibc malloc_trim here")
-def test_release_gives_freed_heap_pages_back() -> None:
-    result = subprocess.run([sys.executable, "-c", _FRAGMENT], capture_output=True, text=True,
-                            timeout=60, check=True)
-    before, after = map(int, result.stdout.split())
-    # 3000 x 64 KiB were freed; most of the ~190 MiB must leave the process.
-    assert before - after > 100 * 1024, (before, after)
-
-
-# Allocate and free 400 chunks of 64 KiB and 60 of 256 KiB (the sizes of DATA reads and of
-# upstream writes), with nothing left on top of them: glibc's default gives the pages back at
-# once, so the next message faults them in again; tuned, the heap keeps them until the trim.
-_REUSE = textwrap.dedent("""
+# Run in a fresh interpreter: ``setup`` allocates and frees buffers, then the script prints
+# RSS (KiB) with the freed memory still held, and RSS after release_free_memory().
+_MEASURE = textwrap.dedent("""
     import gc, sys
     from relay.memory import keep_heap_between_messages, release_free_memory
 
@@ -54,25 +21,56 @@ _REUSE = textwrap.dedent("""
         with open("/proc/self/status") as status:
             return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
 
+    {setup}
+    gc.collect()
+    held = rss_kib()
+    release_free_memory()
+    print(held, rss_kib())
+""")
+
+
+def rss_before_and_after_release(setup: str, *args: str) -> tuple[int, int]:
+    script = _MEASURE.format(setup=textwrap.dedent(setup).strip())
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                            text=True, timeout=60, check=True)
+    held, released = map(int, result.stdout.split())
+    return held, released
+
+
+# Fragment glibc's heap the way a burst of uploads does (64 KiB chunks below the mmap
+# threshold, with small survivors in between), then free the chunks.
+_FRAGMENT = """
+    chunks, keep = [], []
+    for i in range(3000):
+        chunks.append(bytearray(64 * 1024 - 100))
+        keep.append(bytearray(600))
+    del chunks
+"""
+
+
+@pytest.mark.skipif(release_free_memory is None, reason="no glibc malloc_trim here")
+def test_release_gives_freed_heap_pages_back() -> None:
+    before, after = rss_before_and_after_release(_FRAGMENT)
+    # 3000 x 64 KiB were freed; most of the ~190 MiB must leave the process.
+    assert before - after > 100 * 1024, (before, after)
+
+
+# Allocate and free 400 chunks of 64 KiB and 60 of 256 KiB (the sizes of DATA reads and of
+# upstream writes), with nothing left on top of them: glibc's default gives the pages back at
+# once, so the next message faults them in again; tuned, the heap keeps them until the trim.
+_REUSE = """
     if sys.argv[1] == "tuned":
         assert keep_heap_between_messages()
     chunks = [bytearray(64 * 1024) for _ in range(400)]
     chunks += [bytearray(256 * 1024) for _ in range(60)]
     del chunks
-    gc.collect()
-    kept = rss_kib()
-    release_free_memory()
-    print(kept, rss_kib())
-""")
+"""
 
 
 @pytest.mark.skipif(release_free_memory is None, reason="no glibc malloc_trim here")
 def test_tuned_heap_keeps_freed_buffers_until_the_trim() -> None:
-    results = {}
-    for mode in ("default", "tuned"):
-        run = subprocess.run([sys.executable, "-c", _REUSE, mode], capture_output=True,
-                             text=True, timeout=60, check=True)
-        results[mode] = tuple(map(int, run.stdout.split()))
+    results = {mode: rss_before_and_after_release(_REUSE, mode)
+               for mode in ("default", "tuned")}
     default_kept, _ = results["default"]
     tuned_kept, tuned_after_trim = results["tuned"]
     # 40 MiB were allocated (under the 64 MiB trim threshold): kept by the tuned heap,
