@@ -36,7 +36,7 @@ _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 # RFC 5321 caps a line at 998 octets + CRLF; like Postfix (smtp_line_length_limit) longer lines
 # are broken with CRLF + space, which is a valid fold in headers and keeps bodies deliverable.
 # A line within the limit has its LF at most this far after the previous line's LF.
-_REACH = MAX_LINE_LENGTH + 2
+LF_REACH = MAX_LINE_LENGTH + 2
 # A bare LF and a bare CR. Each starts with a literal, which the regex engine looks for at
 # memchr speed: about 40 % less time than three counts, and far less than _BARE_LINE_END
 # (its alternation, like a leading look-behind, tests every octet).
@@ -163,7 +163,7 @@ def lines_fit(data: bytes, column: int = 0, *, start: int = 0) -> bool:
     end = len(data)
     while end - last_lf > MAX_LINE_LENGTH + 1:  # what follows the last LF is still too long
         # The farthest LF within reach: one C search per ~1,000 octets rather than per line.
-        last_lf = data.rfind(b"\n", max(last_lf + 1, start), last_lf + 1 + _REACH)
+        last_lf = data.rfind(b"\n", max(last_lf + 1, start), last_lf + 1 + LF_REACH)
         if last_lf < 0:
             return False
     return True

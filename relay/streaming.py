@@ -12,13 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from relay.headers import CRLF, MAX_LINE_LENGTH, header_end
-from relay.message import crlf_line_endings, has_bare_line_end, lines_fit
+from relay.message import LF_REACH, crlf_line_endings, has_bare_line_end, lines_fit
 
 _END = b"\r\n.\r\n"
 _LINE_DOT = b"\r\n."
 _CRLF_LINES = (b"", b"")  # CRLF.split(CRLF)
-# A line within the limit: its LF at most this far after the previous line's LF.
-_REACH = MAX_LINE_LENGTH + 2
 # From this size on a piece is checked with numpy (a few vector passes, about a third of the
 # regex searches' time); below it numpy's fixed cost per call is the larger one.
 _VECTOR_FROM = 16 * 1024
@@ -185,7 +183,7 @@ def _nothing_to_fix_vector(data: bytes, column: int) -> bool:
         return column + len(data) <= MAX_LINE_LENGTH
     return column + int(ends[0]) - 1 <= MAX_LINE_LENGTH and \
         len(data) - int(ends[-1]) - 1 <= MAX_LINE_LENGTH and \
-        (ends.size == 1 or int(np.diff(ends).max()) <= _REACH)
+        (ends.size == 1 or int(np.diff(ends).max()) <= LF_REACH)
 
 
 def _break_from(segment: bytes, column: int) -> bytes:
