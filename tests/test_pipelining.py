@@ -57,6 +57,15 @@ async def send(upstream: UpstreamConnection, *recipients: str) -> SendResult:
     return await upstream.send("app@example.com", recipients or ("user@example.net",), MESSAGE)
 
 
+def send_then_next(fake: FakeUpstream, *recipients: str, loop: str = "asyncio"
+                   ) -> tuple[SendResult, SendResult]:
+    """A message to ``recipients``, then one to next@example.net over the same connection."""
+    async def scenario(upstream: UpstreamConnection) -> tuple[SendResult, SendResult]:
+        return await send(upstream, *recipients), await send(upstream, "next@example.net")
+
+    return run(fake, scenario, loop=loop)
+
+
 def assert_next_message_goes_through(fake: FakeUpstream, result: SendResult, *,
                                      same_session: bool) -> None:
     """``result`` is the second send's; it went over the first session or a new one."""
@@ -131,11 +140,7 @@ def test_mail_refused_fails_with_mails_reply_and_the_session_goes_on(
         fake_upstream: FakeUpstream, code: int, kind: str) -> None:
     fake_upstream.fail_next("mail", code, f"{code // 100}.7.1 Sender refused")
 
-    async def scenario(upstream: UpstreamConnection) -> list[SendResult]:
-        return [await send(upstream, "a@example.net", "b@example.net"),
-                await send(upstream, "next@example.net")]
-
-    refused, later = run(fake_upstream, scenario)
+    refused, later = send_then_next(fake_upstream, "a@example.net", "b@example.net")
     reply = f"{code} {code // 100}.7.1 Sender refused"
     assert refused.accepted == () and refused.reply == reply
     assert getattr(refused, kind) == {"a@example.net": reply, "b@example.net": reply}
@@ -147,11 +152,7 @@ def test_mail_refused_fails_with_mails_reply_and_the_session_goes_on(
 def test_one_of_two_recipients_refused(fake_upstream: FakeUpstream) -> None:
     fake_upstream.reject_recipient("bad@example.net", 550, "5.1.1 No such user")
 
-    async def scenario(upstream: UpstreamConnection) -> list[SendResult]:
-        return [await send(upstream, "ok@example.net", "bad@example.net"),
-                await send(upstream, "next@example.net")]
-
-    partial, later = run(fake_upstream, scenario)
+    partial, later = send_then_next(fake_upstream, "ok@example.net", "bad@example.net")
     assert partial.accepted == ("ok@example.net",)
     assert partial.permanent == {"bad@example.net": "550 5.1.1 No such user"}
     first = fake_upstream.messages[0]
@@ -168,11 +169,7 @@ def test_all_recipients_refused(fake_upstream_factory: FakeUpstreamFactory,
     fake.reject_recipient("a@example.net", 550, "5.1.1 No such user")
     fake.reject_recipient("b@example.net", 450, "4.2.1 Mailbox busy")
 
-    async def scenario(upstream: UpstreamConnection) -> list[SendResult]:
-        return [await send(upstream, "a@example.net", "b@example.net"),
-                await send(upstream, "next@example.net")]
-
-    refused, later = run(fake, scenario, loop=loop)
+    refused, later = send_then_next(fake, "a@example.net", "b@example.net", loop=loop)
     assert refused.accepted == ()
     assert refused.permanent == {"a@example.net": "550 5.1.1 No such user"}
     assert refused.temporary == {"b@example.net": "450 4.2.1 Mailbox busy"}
@@ -186,11 +183,7 @@ def test_all_recipients_refused(fake_upstream_factory: FakeUpstreamFactory,
 def test_data_refused(fake_upstream: FakeUpstream, code: int, kind: str) -> None:
     fake_upstream.fail_next("data_start", code, f"{code // 100}.3.0 Not now")
 
-    async def scenario(upstream: UpstreamConnection) -> list[SendResult]:
-        return [await send(upstream, "a@example.net", "b@example.net"),
-                await send(upstream, "next@example.net")]
-
-    refused, later = run(fake_upstream, scenario)
+    refused, later = send_then_next(fake_upstream, "a@example.net", "b@example.net")
     reply = f"{code} {code // 100}.3.0 Not now"
     assert refused.accepted == () and refused.reply == reply
     assert getattr(refused, kind) == {"a@example.net": reply, "b@example.net": reply}
@@ -203,10 +196,7 @@ def test_503_is_out_of_step_and_retried_on_a_new_connection(fake_upstream: FakeU
                                                             stage: str) -> None:
     fake_upstream.fail_next(stage, 503, "5.5.1 Error: nested MAIL command")  # type: ignore[arg-type]
 
-    async def scenario(upstream: UpstreamConnection) -> list[SendResult]:
-        return [await send(upstream, "a@example.net"), await send(upstream, "next@example.net")]
-
-    retried, later = run(fake_upstream, scenario)
+    retried, later = send_then_next(fake_upstream, "a@example.net")
     assert retried.accepted == ("a@example.net",) and retried.upstream_id
     first, second = fake_upstream.wait_for(2)
     assert first.rcpt_tos == ["a@example.net"] and first.pipelined
@@ -218,11 +208,7 @@ def test_503_is_out_of_step_and_retried_on_a_new_connection(fake_upstream: FakeU
 def test_a_421_in_the_group_ends_the_session(fake_upstream: FakeUpstream) -> None:
     fake_upstream.fail_next("rcpt", 421, "4.3.2 System not accepting network messages")
 
-    async def scenario(upstream: UpstreamConnection) -> list[SendResult]:
-        return [await send(upstream, "a@example.net", "b@example.net"),
-                await send(upstream, "next@example.net")]
-
-    refused, later = run(fake_upstream, scenario)
+    refused, later = send_then_next(fake_upstream, "a@example.net", "b@example.net")
     reply = "421 4.3.2 System not accepting network messages"
     assert refused.reply == reply
     assert refused.temporary == {"a@example.net": reply, "b@example.net": reply}
