@@ -39,7 +39,7 @@ from relay.metrics import Metrics
 from relay.passwords import verify_password
 from relay.rules import apply_rules
 from relay.spool import FILE_BODY_THRESHOLD, QueuedMessage, Recipient, Spool
-from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter
+from relay.streaming import BodyFixer, DataDecoder, HeaderSplitter, Octets
 
 log = logging.getLogger("relay.listener")
 
@@ -181,7 +181,7 @@ class _BodyWriter:
         self._written = 0  # octets in the file
         self._flushed = 0  # octets whose writeback has been started
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Octets) -> None:
         if not data:
             return
         self.ascii = self.ascii and data.isascii()
@@ -220,7 +220,21 @@ class _BodyWriter:
             self.path.unlink()
 
 
-def _write_body(body: _BodyWriter, data: bytes) -> str | None:
+async def _read_buffered(reader: asyncio.StreamReader) -> bytearray:
+    """All that the reader holds (waiting for some if none): its buffer itself, swapped for an
+    empty one. StreamReader.read() would copy it out and then delete it from the buffer."""
+    failure = reader.exception()
+    if failure is not None:
+        raise failure
+    if not reader._buffer and not reader.at_eof():  # type: ignore[attr-defined]
+        await reader._wait_for_data("read")  # type: ignore[attr-defined]
+    chunk: bytearray = reader._buffer  # type: ignore[attr-defined]
+    reader._buffer = bytearray()  # type: ignore[attr-defined]
+    reader._maybe_resume_transport()  # type: ignore[attr-defined]
+    return chunk
+
+
+def _write_body(body: _BodyWriter, data: Octets) -> str | None:
     """None, or the refusal when the body cannot be written (a full disk): the rest drains."""
     try:
         body.write(data)
@@ -445,7 +459,7 @@ class RelaySMTP(SMTP):
         reader._limit = _DATA_CHUNK  # type: ignore[attr-defined]
         try:
             while not decoder.ended:
-                chunk = await reader.read(_DATA_CHUNK)
+                chunk = await _read_buffered(reader)
                 if not chunk:
                     raise ConnectionResetError("connection closed during DATA")
                 data = decoder.feed(chunk)

@@ -138,15 +138,16 @@ def fix_lines(data: bytes, *, last: bool = False) -> bytes:
     return break_long_lines(data)
 
 
-def has_bare_line_end(data: bytes, start: int = 0) -> bool:
+def has_bare_line_end(data: bytes | bytearray, start: int = 0) -> bool:
     """Whether ``data[start:]`` holds a CR or an LF that is not part of a CRLF."""
     view = memoryview(data)[start:]  # no copy; the look-behind cannot see before ``start``
     return _BARE_LF.search(view) is not None or _BARE_CR.search(view) is not None
 
 
-def crlf_line_endings(data: bytes) -> bytes:
-    """Every bare CR and bare LF as CRLF; ``data`` itself (no copy) when there is none."""
-    return _BARE_LINE_END.sub(CRLF, data) if has_bare_line_end(data) else data
+def crlf_line_endings(data: bytes | bytearray) -> bytes:
+    """Every bare CR and bare LF as CRLF; ``data`` itself (no copy of bytes) when there is
+    none."""
+    return _BARE_LINE_END.sub(CRLF, data) if has_bare_line_end(data) else bytes(data)
 
 
 def has_long_line(data: bytes, start: int = 0) -> bool:
@@ -154,7 +155,7 @@ def has_long_line(data: bytes, start: int = 0) -> bool:
     return not lines_fit(data, start=start)
 
 
-def lines_fit(data: bytes, column: int = 0, *, start: int = 0) -> bool:
+def lines_fit(data: bytes | bytearray, column: int = 0, *, start: int = 0) -> bool:
     """Whether no line of ``data[start:]`` (CRLF line endings) exceeds 998 octets, the first
     continuing a line that has ``column`` octets already (a piece of a streamed body)."""
     if column > MAX_LINE_LENGTH:

@@ -14,13 +14,21 @@ import numpy as np
 from relay.headers import CRLF, MAX_LINE_LENGTH, header_end
 from relay.message import LF_REACH, crlf_line_endings, has_bare_line_end, lines_fit
 
+# What the wire reader hands over: the reader's own buffer, not a copy of it.
+Octets = bytes | bytearray
+
 _END = b"\r\n.\r\n"
 _LINE_DOT = b"\r\n."
 _CRLF_LINES = (b"", b"")  # CRLF.split(CRLF)
+# Tails of a chunk that may begin "CRLF ." across the boundary, longest first.
+_MAY_BEGIN_DOT_LINE = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 # From this size on a piece is checked with numpy (a few vector passes, about a third of the
 # regex searches' time); below it numpy's fixed cost per call is the larger one.
 _VECTOR_FROM = 16 * 1024
 _CR, _LF = 13, 10
+# Half of LF_REACH: when every aligned block this long holds an LF, no two consecutive LFs
+# can be more than 2 * 500 - 1 octets apart. Usual mail (lines of ~78) always passes.
+_BLOCK = LF_REACH // 2
 # A break goes before the octet at these offsets of a line: 998, then every 997 more
 # (relay.message._broken: the first piece keeps 998 octets, each continuation 1 + 997).
 _FIRST_BREAK = MAX_LINE_LENGTH
@@ -30,46 +38,58 @@ _STEP = MAX_LINE_LENGTH - 1
 class DataDecoder:
     """SMTP DATA from the wire: finds CRLF.CRLF and undoes the dot-stuffing, chunk by chunk.
 
-    The buffer always starts with the last two raw octets already handed on (at first a
-    virtual CRLF), so a "CRLF ." or the terminator that straddles two chunks is still seen.
+    Only a chunk's tail that may begin "CRLF ." (CR, CRLF, CRLF ".", CRLF "." CR) is held
+    back for the next chunk; everything before it is handed on. A chunk that neither starts
+    nor ends such a sequence, the usual case for a large body, is handed on as it is, not
+    copied. Until the first octet is seen a virtual CRLF stands before the data, so that a
+    dot on the first line is unstuffed and a lone "." ends an empty message.
     """
 
-    __slots__ = ("_buffer", "ended", "leftover", "size")
+    __slots__ = ("_held", "_virtual", "ended", "leftover", "size")
 
     def __init__(self) -> None:
-        self._buffer = bytearray(CRLF)
+        self._held: Octets = CRLF  # raw octets not handed on yet; at first the virtual line break
+        self._virtual = True  # _held is the virtual CRLF, not message data
         self.size = 0  # raw (stuffed) octets of message data so far, as the size limit counts
         self.ended = False
         self.leftover = b""  # what followed the terminator (pipelined commands)
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: Octets) -> Octets:
         """The unstuffed message data that ``chunk`` completes (maybe b"")."""
-        buffer = self._buffer
-        scan_from = max(0, len(buffer) - 4)
-        buffer += chunk
+        if self._virtual and len(self._held) == 2 and chunk and not chunk.startswith(b"."):
+            # No dot at the start: the virtual CRLF can take part in no match.
+            self._held, self._virtual = b"", False
+        data = self._held + chunk if self._held else chunk
+        skip = 2 if self._virtual else 0
         # Both a stuffed dot and the terminator start with CRLF "."; a chunk with no dot at
         # all (base64 attachments have none) is found so by memchr, far faster than a search.
-        dot = buffer.find(b".", scan_from)
-        line_dot = buffer.find(_LINE_DOT, max(scan_from, dot - 2)) if dot >= 0 else -1
-        end = buffer.find(_END, line_dot) if line_dot >= 0 else -1
+        dot = data.find(b".")
+        line_dot = data.find(_LINE_DOT, max(0, dot - 2)) if dot >= 0 else -1
+        end = data.find(_END, line_dot) if line_dot >= 0 else -1
         if end >= 0:
             self.ended = True
-            self.leftover = bytes(buffer[end + 5:])
-            return self._take(end + 2, line_dot)
-        # The last 4 octets may begin the terminator: kept; 2 of them stay as context.
-        return self._take(len(buffer) - 2, line_dot) if len(buffer) > 4 else b""
+            self.leftover = bytes(data[end + 5:])
+            cut = end + 2  # the terminator's first CRLF ends the last line of the data
+        else:
+            cut = len(data) - _dot_line_start(data)
+        if cut <= skip:  # nothing but (part of) a possible "CRLF ." yet
+            self._held = data
+            return b""
+        self._held, self._virtual = data[cut:], False
+        self.size += cut - skip
+        out = data if cut == len(data) else data[:cut]
+        if 0 <= line_dot < cut - 2:
+            out = out.replace(_LINE_DOT, CRLF)
+        return out[skip:] if skip else out
 
-    def _take(self, cut: int, line_dot: int) -> bytes:
-        buffer = self._buffer
-        with memoryview(buffer) as view:
-            piece = bytes(view[:cut])
-        self.size += cut - 2
-        del buffer[:cut - 2]
-        # Dots are unstuffed on raw octets (context included), then the context is dropped:
-        # a "CRLF ." match never starts inside the 2 context octets and reaches past them.
-        if 0 <= line_dot <= cut - 3:
-            return piece.replace(_LINE_DOT, CRLF)[2:]
-        return piece[2:]
+
+def _dot_line_start(data: Octets) -> int:
+    """How many of ``data``'s last octets may begin "CRLF ." (and so the terminator)."""
+    tail = data[-4:]
+    for held in _MAY_BEGIN_DOT_LINE:
+        if tail.endswith(held):
+            return len(held)
+    return 0
 
 
 class HeaderSplitter:
@@ -81,7 +101,7 @@ class HeaderSplitter:
         self._data = bytearray()
         self.limit = limit
 
-    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+    def feed(self, data: Octets) -> tuple[bytes, bytes] | None:
         """``(header part, rest)`` once the split is known, else None (data kept)."""
         held = self._data
         # Searched before up to here: a client sending a byte at a time costs linear time.
@@ -92,6 +112,8 @@ class HeaderSplitter:
         end = header_end(held, start)
         if end >= len(held):
             return None  # no blank line yet: the header may still go on
+        if end > self.limit:
+            return None  # ended, but too long: ``overflowed`` says so, however large the read
         return bytes(held[:end]), bytes(held[end:])
 
     @property
@@ -122,7 +144,7 @@ class BodyFixer:
         self._empty = True
         self._crlf_end = False
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: Octets) -> Octets:
         if self._cr:
             data = b"\r" + data
         self._cr = data.endswith(b"\r")
@@ -135,7 +157,7 @@ class BodyFixer:
         data = crlf_line_endings(data)
         return self._emit(data, data.split(CRLF))
 
-    def _pass(self, data: bytes) -> bytes:
+    def _pass(self, data: Octets) -> Octets:
         """``data`` unchanged; its last line continues the current one."""
         self._empty = False
         self._crlf_end = data.endswith(CRLF)
@@ -163,7 +185,7 @@ class BodyFixer:
         return CRLF.join(fixed)
 
 
-def _nothing_to_fix(data: bytes, column: int) -> bool:
+def _nothing_to_fix(data: Octets, column: int) -> bool:
     """Whether ``data`` (not empty, no CR at its end) has CRLF line endings only and no line
     over 998 octets, its first line continuing one of ``column`` octets."""
     if len(data) >= _VECTOR_FROM:
@@ -171,13 +193,20 @@ def _nothing_to_fix(data: bytes, column: int) -> bool:
     return not has_bare_line_end(data) and lines_fit(data, column)
 
 
-def _nothing_to_fix_vector(data: bytes, column: int) -> bool:
+def _nothing_to_fix_vector(data: Octets, column: int) -> bool:
     """``_nothing_to_fix`` for a large piece, in numpy (the piece is not copied)."""
     octets = np.frombuffer(data, np.uint8)
     cr, lf = octets == _CR, octets == _LF
     # Every CR directly followed by an LF and every LF directly preceded by a CR.
     if lf[0] or cr[-1] or not np.array_equal(cr[:-1], lf[1:]):
         return False
+    whole = len(data) // _BLOCK * _BLOCK
+    if whole and lf[:whole].reshape(-1, _BLOCK).any(axis=1).all():
+        # An LF in every block of 500 octets puts consecutive LFs at most 999 apart, within
+        # LF_REACH: only the first and the last line need measuring (memchr, no index array).
+        first, last = data.find(b"\n"), data.rfind(b"\n")
+        return column + first - 1 <= MAX_LINE_LENGTH and \
+            len(data) - last - 1 <= MAX_LINE_LENGTH
     ends = np.flatnonzero(lf)
     if ends.size == 0:
         return column + len(data) <= MAX_LINE_LENGTH

@@ -169,6 +169,23 @@ def test_the_vector_check_agrees_with_the_regex_check(data: bytes, column: int) 
     assert _nothing_to_fix_vector(data, column) is plain
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2100), min_size=1, max_size=40), st.integers(1, 200),
+       st.integers(0, 1000), st.integers(0, 4))
+def test_the_vector_check_agrees_on_large_pieces(lengths: list[int], repeat: int, column: int,
+                                                  flaw: int) -> None:
+    """Pieces of 16 KiB and more with lines of any length, seen by the block shortcut (an LF
+    in every 500 octets) or the exact path, and maybe a bare CR or LF somewhere."""
+    data = b"\r\n".join(b"x" * length for length in lengths * repeat)
+    if flaw and data:
+        at = (flaw * 7919) % len(data)
+        data = data[:at] + (b"\n", b"\r", b"\r\n", b"x")[flaw - 1] + data[at:]
+    if not data or data.endswith(b"\r"):
+        data += b"x"
+    plain = not has_bare_line_end(data) and lines_fit(data, column)
+    assert _nothing_to_fix_vector(data, column) is plain
+
+
 @pytest.mark.parametrize("line", [b"z" * 76, b"z" * 998, b"z" * 999, b"z" * 2500])
 @pytest.mark.parametrize("flaw", [b"", b"\n", b"\r", b"\r\r\n"])
 def test_large_pieces_fixed_as_the_whole_message_path(line: bytes, flaw: bytes) -> None:
@@ -266,6 +283,17 @@ def test_a_header_sent_one_octet_at_a_time_costs_linear_time() -> None:
             break
     assert split is not None and split[0] + split[1] == data[:index + 1]
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("piece", [1000, 64 * 1024, 1 << 20])
+def test_a_header_over_the_limit_overflows_in_reads_of_any_size(piece: int) -> None:
+    """The limit holds even when the whole header, blank line and all, comes in one read."""
+    data = b"X-Filler: " + b"v" * 100 + b"\r\n"
+    data = data * (300 * 1024 // len(data)) + b"\r\nbody\r\n"
+    splitter = HeaderSplitter(256 * 1024)
+    results = [splitter.feed(data[start:start + piece]) for start in range(0, len(data), piece)]
+    assert results == [None] * len(results)
+    assert splitter.overflowed
 
 
 def test_absorbing_a_worker_spool_removes_its_partial_bodies(tmp_path: Path) -> None:
