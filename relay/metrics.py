@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -132,6 +132,10 @@ class Metrics:
         self.reports_pull_errors = Counter("relay_reports_pull_errors", "Failed polls of "
                                            "Infobip's reports API", ["kind"], registry=r)
 
+        for metric in vars(self).values():
+            if isinstance(metric, Counter | Gauge | Histogram) and metric._labelnames:
+                _remember_children(metric)
+
     def add_upstream(self, name: str) -> None:
         """Export an upstream's series from the start (an alert needs a 0 to compare with)."""
         self.upstream_up.labels(upstream=name).set(0)
@@ -160,3 +164,33 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _remember_children(metric: Counter | Gauge | Histogram) -> None:
+    """Make ``metric.labels(...)`` a dictionary lookup after the first call with those values.
+
+    prometheus_client checks, converts and sorts the label values and takes a lock on every
+    call; the relay asks for the same few children several times per message (the
+    listener's, the upstream's). ``remove`` and ``clear`` forget what they drop.
+    """
+    children: dict[tuple[tuple[object, ...], tuple[tuple[str, object], ...]], Any] = {}
+    labels, remove, clear = metric.labels, metric.remove, metric.clear
+
+    def remembered_labels(*values: object, **named: object) -> Any:
+        key = (values, tuple(named.items()))
+        child = children.get(key)
+        if child is None:
+            child = children[key] = labels(*values, **named)
+        return child
+
+    def forgetting_remove(*values: object) -> None:
+        children.clear()
+        remove(*values)
+
+    def forgetting_clear() -> None:
+        children.clear()
+        clear()
+
+    metric.labels = remembered_labels  # type: ignore[method-assign]
+    metric.remove = forgetting_remove  # type: ignore[method-assign]
+    metric.clear = forgetting_clear  # type: ignore[method-assign]
