@@ -152,6 +152,14 @@ class _CommandLineReader:
         setattr(self._inner, name, value)
 
 
+def _unwrapped(reader: asyncio.StreamReader) -> asyncio.StreamReader:
+    """The StreamReader under the command-line bound (DATA has a bound of its own)."""
+    if isinstance(reader, _CommandLineReader):
+        inner: asyncio.StreamReader = reader._inner
+        return inner
+    return reader
+
+
 @dataclass(slots=True)
 class Received:
     """One message's DATA as read: the raw header part in memory, the fixed body after it."""
@@ -268,6 +276,30 @@ class RelaySMTP(SMTP):
         self.address_error: AddressError | None = None
         self.queue_id = ""
         self.received: Received | None = None  # the DATA being handled
+        self._deadline = 0.0  # loop time at which the idle (or DATA) timeout ends the session
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer, moved by a deadline instead of a new timer per command.
+
+        aiosmtpd cancelled its timer and started another after every command line (a libuv
+        timer made and torn down each time). Here a command only moves the deadline; the one
+        timer, when it fires before the deadline, waits for the rest. A deadline that comes
+        sooner than the timer (the command timeout after DATA's longer one) re-arms it.
+        """
+        loop = self.loop
+        deadline = loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = loop.call_at(deadline, self._deadline_reached)
+
+    def _deadline_reached(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
+        else:
+            self._timeout_cb()
 
     def _cb_client_connected(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
@@ -447,7 +479,7 @@ class RelaySMTP(SMTP):
             raise
 
     async def _stream_data(self, body: _BodyWriter) -> Received | str:
-        reader = self._reader
+        reader = _unwrapped(self._reader)  # every chunk's reads: no __getattr__ on the way
         limit = self.data_size_limit or 0
         decoder, splitter, fixer = DataDecoder(), HeaderSplitter(HEADER_LIMIT), BodyFixer()
         head: bytes | None = None

@@ -739,3 +739,36 @@ def test_reload_presents_the_new_certificate_on_implicit_tls(
     assert relay.reload() is True
     after = _peer_cert_implicit(relay, client_tls)
     assert after == fresh != before
+
+
+def test_a_client_that_keeps_talking_is_not_timed_out(start_relay):
+    """Each command moves the idle deadline: 3 s of NOOPs every 0.4 s against a 1 s timeout."""
+    relay = start_relay(None, access={"command_timeout": "1s"})
+    with Raw(relay.address) as raw:
+        raw.reply()
+        started = time.monotonic()
+        while True:
+            assert raw.cmd("NOOP")[0] == 250
+            idle_from = time.monotonic()
+            if idle_from - started > 3:
+                break
+            time.sleep(0.4)
+        assert raw.reply()[1] == [b"421 4.4.2 Timeout, closing connection"]
+        assert 0.8 < time.monotonic() - idle_from < 2
+
+
+def test_the_command_timeout_after_data_is_the_shorter_one_again(fake_upstream, start_relay):
+    """DATA's longer deadline does not outlive the message: idle afterwards, the command
+    timeout applies."""
+    relay = start_relay(fake_upstream, access={"command_timeout": "1s", "data_timeout": "5s"})
+    with Raw(relay.address) as raw:
+        raw.reply()
+        raw.cmd("EHLO client.example.com")
+        assert raw.cmd("MAIL FROM:<app@example.com>")[0] == 250
+        assert raw.cmd("RCPT TO:<user@example.net>")[0] == 250
+        assert raw.cmd("DATA")[0] == 354
+        time.sleep(1.5)  # within data_timeout, past command_timeout
+        assert raw.cmd("Subject: x\r\n\r\nbody\r\n.")[0] == 250
+        idle_from = time.monotonic()
+        assert raw.reply()[1] == [b"421 4.4.2 Timeout, closing connection"]
+        assert 0.8 < time.monotonic() - idle_from < 2
