@@ -8,6 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.load import percentile
+
 # metric name -> (path inside a case result, label, unit, higher is better)
 METRICS: dict[str, tuple[tuple[str, ...], str, str, bool]] = {
     "accepted_rate": (("accepted_rate",), "accepted", "msg/s", True),
@@ -42,7 +44,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     rounds = results.get("rounds", [])
     systems = [name for name in ("relay", "postfix") if any(name in r for r in rounds)]
     case_names: list[str] = [case["name"] for case in results.get("meta", {}).get("cases", [])]
-    summary: dict[str, Any] = {"systems": {}, "ratios": {}, "ceiling": {}, "idle": {}}
+    summary: dict[str, Any] = {"systems": {}, "ratios": {}, "ceiling": {}, "idle": {},
+                               "pooled": {}}
     for system in systems:
         per_case: dict[str, Any] = {}
         for case in case_names:
@@ -51,6 +54,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             good = [c for c in cases if c and c.get("ok")]  # failed rounds do not count
             per_case[case] = {metric: _median([_get(c, path) for c in good])
                               for metric, (path, *_) in METRICS.items()}
+            summary["pooled"].setdefault(case, {})[system] = pooled_latency(good)
             per_case[case]["rounds"] = sum(1 for r in rounds if system in r)
             per_case[case]["rounds_ok"] = len(good)
             per_case[case]["ok"] = len(good) == per_case[case]["rounds"] > 0
@@ -89,6 +93,18 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                                     if metric in ("accepted_rate", "e2e_rate", "p50_ms",
                                                   "p99_ms")}
     return summary
+
+
+def pooled_latency(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """p50/p99 over the probe samples of all the given rounds together (None for results
+    saved before the samples were kept). A 10 MiB case that ends in a second probes a
+    handful of messages per round: each round's p99 is its slowest, the pool's is not."""
+    samples = [value for case in cases
+               for value in (case.get("latency") or {}).get("latencies_ms") or []]
+    if not samples:
+        return {"p50_ms": None, "p99_ms": None, "samples": 0}
+    return {"p50_ms": percentile(samples, 0.50), "p99_ms": percentile(samples, 0.99),
+            "samples": len(samples)}
 
 
 def _fmt(value: float | None, unit: str = "") -> str:
@@ -143,6 +159,11 @@ def format_table(results: dict[str, Any]) -> str:
                                          for m in ("accepted_rate", "e2e_rate"))
                 for i in range(len(ratios["accepted_rate"]["per_round"])))
             lines.append(f"{'':<7}per round (accepted/e2e): {per_round}")
+        pooled = summary.get("pooled", {}).get(case, {})
+        if any(data.get("samples") for data in pooled.values()):
+            lines.append(f"{'':<7}accept latency, all rounds pooled: " + "  ".join(
+                f"{system} p50 {_fmt(data['p50_ms'])} / p99 {_fmt(data['p99_ms'])} ms "
+                f"(n={data['samples']})" for system, data in pooled.items()))
     idle = summary.get("idle", {})
     if idle:
         lines.append("")

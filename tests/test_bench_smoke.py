@@ -194,6 +194,26 @@ def test_helpers() -> None:
     assert summary["systems"]["relay"]["small"]["rounds_ok"] == 0
 
 
+def test_latency_pooled_over_rounds() -> None:
+    """A short case has a few probe samples per round: the median of per-round p99s is the
+    median of their maxima; the pool's p99 is taken over every sample."""
+    def case(latencies: list[float]) -> dict[str, Any]:
+        return {"ok": True, "latency": {**latency_stats(latencies),
+                                        "latencies_ms": [x * 1000 for x in latencies]}}
+    rounds = [{"round": n, "relay": {"cases": {"huge": case([0.05] * 4 + [0.1 + n / 100])}},
+               "postfix": {"cases": {"huge": case([0.08] * 100)}}} for n in range(1, 4)]
+    results = {"meta": {"cases": [{"name": "huge", "messages": 1, "size": 10}], "rounds": 3},
+               "rounds": rounds, "failures": []}
+    summary = summarize(results)
+    assert summary["systems"]["relay"]["huge"]["p99_ms"] == 120.0  # the middle round's max
+    assert summary["pooled"]["huge"]["relay"] == {"p50_ms": 50.0, "p99_ms": 130.0,
+                                                  "samples": 15}
+    assert summary["pooled"]["huge"]["postfix"]["samples"] == 300
+    assert "all rounds pooled: relay p50 50.0 / p99 130 ms (n=15)" in format_table(results)
+    del rounds[0]["relay"]["cases"]["huge"]["latency"]["latencies_ms"]  # an older result
+    assert summarize(results)["pooled"]["huge"]["relay"]["samples"] == 10
+
+
 def test_cases_and_the_mix_split() -> None:
     assert split(20, [700, 250, 25, 15, 10], minimum=1) == [12, 5, 1, 1, 1]
     assert split(3, [1, 1, 1, 1], minimum=1) == [1, 1, 1, 1]  # cannot fit: 1 each
