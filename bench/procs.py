@@ -40,16 +40,28 @@ def _port_range() -> tuple[int, int]:
     return start, start + span
 
 
+# Ports handed out by this process: a port checked free and handed out is not bound yet, so a
+# second draw could give it again (a listener and its metrics port on one port: EADDRINUSE).
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port outside the ephemeral range that was free on ``host`` a moment ago."""
+    """A TCP port outside the ephemeral range that was free on ``host`` a moment ago, and not
+    handed out before by this process (until half of the range has been)."""
+    low, high = _port_range()
+    if len(_handed_out) > (high - low) // 2:
+        _handed_out.clear()
     while True:
-        port = random.randrange(*_port_range())
+        port = random.randrange(low, high)
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
             except OSError:
                 continue  # taken: try another
-            return port
+        _handed_out.add(port)
+        return port
 
 
 def wait_port(port: int, timeout: float, host: str = "127.0.0.1",

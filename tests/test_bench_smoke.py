@@ -25,7 +25,7 @@ import trustme
 
 from bench import burst
 from bench.load import latency_stats, percentile, probe_match, probe_message
-from bench.procs import _port_range
+from bench.procs import _port_range, free_port
 from bench.report import describe_case, draw_chart, format_table, summarize
 from bench.runner import MIB, Case, Options, Part, mix_case, run_benchmark, split
 from bench.sink import CaseCount, SinkCluster, count_case, smtp_source_match
@@ -323,3 +323,16 @@ def test_each_xdist_worker_draws_ports_from_its_own_slice(
     monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", count)
     assert _port_range() == expected
+
+
+def test_free_port_does_not_hand_out_a_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relay's listener, metrics and upstream ports come from one draw each: two draws that
+    gave the same still-unbound port made the second bind fail (EADDRINUSE, seen locally)."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "40")  # a slice of 300 ports
+    monkeypatch.setattr("bench.procs._handed_out", set())
+    ports = [free_port() for _ in range(150)]
+    assert len(set(ports)) == 150
+    assert all(20000 <= port < 20300 for port in ports)
+    more = [free_port() for _ in range(300)]  # past half the slice it starts over
+    assert all(20000 <= port < 20300 for port in more)
