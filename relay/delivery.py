@@ -328,13 +328,16 @@ class Delivery:
         meanwhile. None: idle for idle_timeout (the session is closed), or the others took
         every job while we waited.
         """
-        try:
-            job = await asyncio.wait_for(self._ready.get(),
-                                         timeout=self.upstream.idle_timeout)
-        except TimeoutError:
-            # Close idle sessions politely rather than let the provider cut them.
-            await self._connections[index].close()
-            return None
+        if self._ready.empty():  # wait_for wraps get() in a task: only when there is a wait
+            try:
+                job = await asyncio.wait_for(self._ready.get(),
+                                             timeout=self.upstream.idle_timeout)
+            except TimeoutError:
+                # Close idle sessions politely rather than let the provider cut them.
+                await self._connections[index].close()
+                return None
+        else:
+            job = self._ready.get_nowait()
         self._ready.put_nowait(job)
         ticket = await pacer.acquire()
         try:

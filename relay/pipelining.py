@@ -72,6 +72,8 @@ class ReplyReader(asyncio.Protocol):
     async def next(self, seconds: float) -> aiosmtplib.SMTPResponse:
         """The next reply; SMTPReadTimeoutError after ``seconds`` without a complete one,
         SMTPServerDisconnected (or the parser's SMTPResponseException) if none can come."""
+        if self._replies:  # the group's replies often come in one read: no timer for those
+            return self._replies.popleft()
         try:
             async with asyncio.timeout(seconds):
                 while not self._replies:
