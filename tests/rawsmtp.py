@@ -42,6 +42,14 @@ class Raw:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data if data.endswith(b"\n") else data + b"\r\n")
 
+    def up_to_data(self) -> None:
+        """Greeting, EHLO, MAIL, RCPT, then DATA answered 354: ready for the message data."""
+        self.reply()
+        self.cmd("EHLO client.example.com")
+        assert self.cmd("MAIL FROM:<app@example.com>")[0] == 250
+        assert self.cmd("RCPT TO:<user@example.net>")[0] == 250
+        assert self.cmd("DATA")[0] == 354
+
     def starttls(self, context: ssl.SSLContext) -> None:
         code, lines = self.cmd("STARTTLS")
         assert code == 220, lines

@@ -395,11 +395,7 @@ def test_idle_client_times_out(start_relay):
 def test_stalled_data_is_dropped_and_nothing_spooled(fake_upstream, start_relay):
     relay = start_relay(fake_upstream, access={"data_timeout": "1s"})
     with Raw(relay.address) as raw:
-        raw.reply()
-        raw.cmd("EHLO client.example.com")
-        assert raw.cmd("MAIL FROM:<app@example.com>")[0] == 250
-        assert raw.cmd("RCPT TO:<user@example.net>")[0] == 250
-        assert raw.cmd("DATA")[0] == 354
+        raw.up_to_data()
         raw.send(b"Subject: half a message\r\n\r\nfirst line\r\n")
         assert raw.reply()[1][0].startswith(b"421 4.4.2")
         assert raw.at_eof()
@@ -762,11 +758,7 @@ def test_the_command_timeout_after_data_is_the_shorter_one_again(fake_upstream, 
     timeout applies."""
     relay = start_relay(fake_upstream, access={"command_timeout": "1s", "data_timeout": "5s"})
     with Raw(relay.address) as raw:
-        raw.reply()
-        raw.cmd("EHLO client.example.com")
-        assert raw.cmd("MAIL FROM:<app@example.com>")[0] == 250
-        assert raw.cmd("RCPT TO:<user@example.net>")[0] == 250
-        assert raw.cmd("DATA")[0] == 354
+        raw.up_to_data()
         time.sleep(1.5)  # within data_timeout, past command_timeout
         assert raw.cmd("Subject: x\r\n\r\nbody\r\n.")[0] == 250
         idle_from = time.monotonic()

@@ -78,11 +78,7 @@ def test_a_header_block_over_256_kib_is_refused(fake_upstream, start_relay):
 def test_a_disconnect_mid_data_leaves_no_file(fake_upstream, start_relay):
     relay = start_relay(fake_upstream)
     with Raw(relay.address) as raw:
-        raw.reply()
-        raw.cmd("EHLO client.example.com")
-        assert raw.cmd("MAIL FROM:<app@example.com>")[0] == 250
-        assert raw.cmd("RCPT TO:<user@example.net>")[0] == 250
-        assert raw.cmd("DATA")[0] == 354
+        raw.up_to_data()
         raw.send(HEAD + b"y" * 70 * 1024 * 10 + b"\r\n")  # past the in-memory part
         wait_until(lambda: any(name.endswith(PARTIAL_SUFFIX) for name in body_files(relay)),
                    what="a partial body file")
