@@ -77,8 +77,8 @@ class ProbeResult:
     latencies: list[float] = field(default_factory=list)  # seconds
 
     def summary(self) -> dict[str, Any]:
-        # Every sample kept: a case that ends in a second has a handful per round, and only
-        # the rounds pooled give a p99 that is not simply the slowest message.
+        # Every sample kept: a case that ends in a second has a handful per round, so its p99
+        # is that round's slowest message; the report pools the rounds' samples as well.
         return {"samples": len(self.latencies), "sent": self.sent,
                 "errors": self.errors[:5], "error_count": len(self.errors),
                 **latency_stats(self.latencies),

@@ -98,7 +98,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 def pooled_latency(cases: list[dict[str, Any]]) -> dict[str, Any]:
     """p50/p99 over the probe samples of all the given rounds together (None for results
     saved before the samples were kept). A 10 MiB case that ends in a second probes a
-    handful of messages per round: each round's p99 is its slowest, the pool's is not."""
+    handful of messages per round, so each round's p99 is its slowest one; pooled, the p50
+    rests on every sample, and the p99 (nearest rank) is still the slowest of all below 100
+    samples, which the count shown beside it makes plain."""
     samples = [value for case in cases
                for value in (case.get("latency") or {}).get("latencies_ms") or []]
     if not samples:
