@@ -230,7 +230,12 @@ class _BodyWriter:
 
 async def _read_buffered(reader: asyncio.StreamReader) -> bytearray:
     """All that the reader holds (waiting for some if none): its buffer itself, swapped for an
-    empty one. StreamReader.read() would copy it out and then delete it from the buffer."""
+    empty one. StreamReader.read() would copy it out and then delete it from the buffer.
+
+    ``_buffer``, ``_wait_for_data`` and ``_maybe_resume_transport`` are asyncio's own (the
+    same from 3.8 to 3.13, and what read() itself uses); every DATA test goes through here,
+    so a Python that renamed them fails loudly rather than quietly.
+    """
     failure = reader.exception()
     if failure is not None:
         raise failure
