@@ -135,16 +135,22 @@ def test_the_strict_fake_catches_a_client_that_pipelines_unasked(
 
 # -- refusals ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("code", "kind"), [(550, "permanent"), (451, "temporary")])
-def test_mail_refused_fails_with_mails_reply_and_the_session_goes_on(
-        fake_upstream: FakeUpstream, code: int, kind: str) -> None:
-    fake_upstream.fail_next("mail", code, f"{code // 100}.7.1 Sender refused")
+@pytest.mark.parametrize(("stage", "code", "kind", "text"), [
+    ("mail", 550, "permanent", "5.7.1 Sender refused"),
+    ("mail", 451, "temporary", "4.7.1 Sender refused"),
+    ("data_start", 554, "permanent", "5.3.0 Not now"),
+    ("data_start", 451, "temporary", "4.3.0 Not now"),
+])
+def test_mail_or_data_refused_fails_with_its_reply_and_the_session_goes_on(
+        fake_upstream: FakeUpstream, stage: str, code: int, kind: str, text: str) -> None:
+    fake_upstream.fail_next(stage, code, text)
 
     refused, later = send_then_next(fake_upstream, "a@example.net", "b@example.net")
-    reply = f"{code} {code // 100}.7.1 Sender refused"
+    reply = f"{code} {text}"
     assert refused.accepted == () and refused.reply == reply
     assert getattr(refused, kind) == {"a@example.net": reply, "b@example.net": reply}
-    # The RCPT and DATA replies (503, need MAIL / need RCPT) were read, not taken for out of step.
+    # After a refused MAIL, the RCPT and DATA replies (503, need MAIL / need RCPT) were read,
+    # not taken for out of step.
     assert_next_message_goes_through(fake_upstream, later, same_session=True)
     assert len(fake_upstream.messages) == 1
 
@@ -177,18 +183,6 @@ def test_all_recipients_refused(fake_upstream_factory: FakeUpstreamFactory,
     assert fake.orphan_data == ([b""] if misbehaving else [])
     assert_next_message_goes_through(fake, later, same_session=True)
     assert len(fake.messages) == 1
-
-
-@pytest.mark.parametrize(("code", "kind"), [(554, "permanent"), (451, "temporary")])
-def test_data_refused(fake_upstream: FakeUpstream, code: int, kind: str) -> None:
-    fake_upstream.fail_next("data_start", code, f"{code // 100}.3.0 Not now")
-
-    refused, later = send_then_next(fake_upstream, "a@example.net", "b@example.net")
-    reply = f"{code} {code // 100}.3.0 Not now"
-    assert refused.accepted == () and refused.reply == reply
-    assert getattr(refused, kind) == {"a@example.net": reply, "b@example.net": reply}
-    assert_next_message_goes_through(fake_upstream, later, same_session=True)
-    assert len(fake_upstream.messages) == 1
 
 
 @pytest.mark.parametrize("stage", ["mail", "rcpt", "data_start"])
