@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from relay import sdnotify
-from relay.config import Config, load_config, permission_warnings
+from relay.config import Config, iter_secret_values, load_config, permission_warnings
 from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError
 from relay.httpserver import HTTPServer, health_app
@@ -30,10 +30,12 @@ from relay.reports.bounces import DsnBouncer
 from relay.reports.pull import ReportPoller
 from relay.reports.sink import ReportSink
 from relay.reports.webhook import webhook_app
-from relay.routing import Deliveries, describe_stranded, stranded
+from relay.routing import Deliveries, FactoryMaker, describe_stranded, stranded
 from relay.spool import Spool, worker_spool_dir
 from relay.tlsconfig import adopt_certificates, listener_contexts
 from relay.upstream import connection_factory
+from relay.upstreamproc import UpstreamProcess
+from relay.upstreamproc import wanted as upstream_process_wanted
 
 log = logging.getLogger("relay.server")
 # Seconds a thread may hold the GIL while others wait for it (CPython default: 0.005).
@@ -68,6 +70,8 @@ class Server:
         self.webhook_server: HTTPServer | None = None
         self.webhook_port: int | None = None
         self.reports: ReportSink | None = None
+        # The upstream sessions' own process, when config.upstream_process wants one.
+        self.upstream_process: UpstreamProcess | None = None
         self.poller: ReportPoller | None = None
         self.listeners: list[asyncio.Server | ProxyListener] = []
         self.bound: dict[str, tuple[str, int]] = {}
@@ -117,7 +121,8 @@ class Server:
         self.spool.start()
         # The credentials may have been fixed while we were down.
         await self._release_auth_deferred("at start")
-        self.deliveries = Deliveries(config, self.spool, self.metrics, connection_factory)
+        self.deliveries = Deliveries(config, self.spool, self.metrics,
+                                     await self._upstream_factories(config))
         await self._warn_unrouted(config)
         self.state = ListenerState(config=config, spool=self.spool, sink=self.deliveries,
                                    metrics=self.metrics)
@@ -170,6 +175,8 @@ class Server:
                 await asyncio.wait_for(server.wait_closed(), 2)
         if self.deliveries is not None:
             await self.deliveries.stop(max(0.5, deadline - time.monotonic()))
+        if self.upstream_process is not None:
+            await self.upstream_process.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -235,6 +242,16 @@ class Server:
                       "first", describe_stranded(lost))
             return False
         return True
+
+    async def _upstream_factories(self, config: Config) -> FactoryMaker:
+        """Sessions in this process, or in the upstream process (started here) if wanted."""
+        if not upstream_process_wanted(config):
+            return connection_factory
+        self.upstream_process = UpstreamProcess(config.logging.level, config.logging.format,
+                                                iter_secret_values(config))
+        await self.upstream_process.start()
+        log.info("upstream sessions run in process %s", self.upstream_process.pid)
+        return self.upstream_process.connection_factory
 
     async def _warn_unrouted(self, config: Config) -> None:
         """Mail whose upstream left the config while the relay was stopped waits, kept."""
@@ -378,6 +395,8 @@ def _warn_unreloadable(old: Config, new: Config) -> None:
         log.warning("queue.path changes only on restart")
     if old.metrics != new.metrics:
         log.warning("metrics address changes only on restart")
+    if old.upstream_process != new.upstream_process:
+        log.warning("upstream_process changes only on restart")
     if old.reports != new.reports:
         log.warning("reports settings change only on restart (X-IB-* defaults excepted)")
 

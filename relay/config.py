@@ -57,6 +57,8 @@ ListenerAuth = Literal["none", "optional", "required"]
 UpstreamTLS = Literal["starttls", "implicit"]
 NullSender = Literal["refuse", "rewrite"]
 LogFormat = Literal["text", "json"]
+# Whether the upstream sessions run in a process of their own (relay.upstreamproc).
+UpstreamProcessMode = Literal["auto", "on", "off"]
 
 # Infobip advertises SIZE 20971520; accepting more would only move the refusal to the upstream,
 # after the client was told 250.
@@ -264,6 +266,8 @@ class Config:
     hostname: str = "localhost"
     grace_period: float = 30.0
     workers: int = 1
+    # auto: on when the relay may use more CPUs than it has workers.
+    upstream_process: UpstreamProcessMode = "auto"
     source: str = "environment"
 
     def user(self, name: str) -> UserConfig | None:
@@ -377,11 +381,14 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], *, source: str,
     hostname = top.convert("hostname", _hostname, socket.gethostname() or top.default("hostname"))
     grace = top.convert("grace_period", parse_duration)
     workers = top.convert("workers", _workers, var="RELAY_WORKERS")
+    upstream_process = top.convert("upstream_process", _upstream_process,
+                                   var="RELAY_UPSTREAM_PROCESS")
     top.finish()
     config = Config(
         listeners=listeners, access=access, upstream=upstream, queue=queue, rules=rules,
         users=users, metrics=metrics, logging=logging_config, reports=reports, hostname=hostname,
-        grace_period=grace, workers=workers, source=source, upstreams=upstreams,
+        grace_period=grace, workers=workers, upstream_process=upstream_process, source=source,
+        upstreams=upstreams,
     )
     _check_relay_policy(config)
     _check_proxy_protocol(config)
@@ -395,6 +402,18 @@ def _workers(value: object) -> int:
     if count > 64:
         raise ValueError("at most 64 workers")
     return count
+
+
+def _upstream_process(value: object) -> UpstreamProcessMode:
+    """auto | on | off; YAML's true/false (and the environment's) mean on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    word = str(value).strip().lower()
+    word = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off",
+            "0": "off"}.get(word, word)
+    if word not in get_args(UpstreamProcessMode):
+        raise ValueError("must be auto, on or off")
+    return cast(UpstreamProcessMode, word)
 
 
 def _hostname(value: object) -> str:

@@ -22,14 +22,16 @@ _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 class MessageFile:
     """A spooled message read from its body file: ``head`` (the header block, from the spool
-    row, when the file holds only the body) then the file; ``size`` counts both."""
+    row, when the file holds only the body) then the file; ``size`` counts both. ``path``
+    names the file for the upstream process, which opens it itself."""
 
-    __slots__ = ("_file", "head", "size")
+    __slots__ = ("_file", "head", "path", "size")
 
-    def __init__(self, file: BinaryIO, size: int, head: bytes = b"") -> None:
+    def __init__(self, file: BinaryIO, size: int, head: bytes = b"", *, path: str) -> None:
         self._file = file
         self.head = head
         self.size = size
+        self.path = path
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         """The head, then the file from its start (also on a retry), ``CHUNK`` octets at a time.

@@ -805,7 +805,7 @@ class SpoolDB:
             file = path.open("rb")
         except FileNotFoundError:
             return None
-        return MessageFile(file, len(head) + os.fstat(file.fileno()).st_size, head)
+        return MessageFile(file, len(head) + os.fstat(file.fileno()).st_size, head, path=str(path))
 
     def due(self, now: float, limit: int, route: str | None = None
             ) -> list[tuple[str, int, float]]:

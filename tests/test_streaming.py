@@ -256,7 +256,7 @@ def test_a_message_file_is_read_in_chunks_from_its_start(
     path = tmp_path / "body"
     data = bytes(range(256)) * 4099
     path.write_bytes(data)
-    message = MessageFile(path.open("rb"), len(data))
+    message = MessageFile(path.open("rb"), len(data), path=str(path))
 
     async def read() -> list[bytes | bytearray]:
         return [chunk async for chunk in message.chunks()]
