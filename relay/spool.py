@@ -454,10 +454,12 @@ class SpoolDB:
 
     def unlink_committed(self) -> None:
         """Remove the body files of rows that a just-committed transaction let go of."""
-        for path in self._unlink_after_commit:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        self._unlink_after_commit.clear()
+        unlink_files(self.take_unlinks())
+
+    def take_unlinks(self) -> list[Path]:
+        """The body files a just-committed transaction let go of, for the caller to remove."""
+        paths, self._unlink_after_commit = self._unlink_after_commit, []
+        return paths
 
     def forget_unlinks(self, keep: int) -> None:
         """A rolled-back write still refers to its files: keep them."""
@@ -1219,6 +1221,9 @@ class Spool:
             results.extend(self._commit_writes(writes))
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_resolve_all, results)
+        # After the answers: the sessions waiting for a 250 need not wait for these removals
+        # too (a delivered message's files, which no row refers to any more).
+        unlink_files(self.db.take_unlinks())
 
     def _call(self, operation: Callable[[SpoolDB], Any], future: asyncio.Future[Any]
               ) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
@@ -1249,7 +1254,6 @@ class Spool:
                     return self._commit_isolated(writes)
                 results.append((future, value, None))
             conn.execute("COMMIT")
-            self.db.unlink_committed()
         except sqlite3.Error as exc:
             return self._failed_commit(writes, exc)
         return results
@@ -1278,7 +1282,6 @@ class Spool:
                     results.append((future, value, None))
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
-            self.db.unlink_committed()
         except sqlite3.Error as exc:
             return self._failed_commit(writes, exc)
         return results
@@ -1311,6 +1314,18 @@ def _as_spool_error(exc: Exception) -> Exception:
     if isinstance(exc, sqlite3.Error | OSError):  # OSError: a body file (disk full, I/O)
         return SpoolError(f"spool error: {exc}")
     return exc
+
+
+def unlink_files(paths: list[Path]) -> None:
+    """Remove files no row refers to any more; one that cannot go is logged and left behind
+    (the start-up scan quarantines it), never raised into the writer."""
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot remove %s: %s", path, exc)
 
 
 def _resolve_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

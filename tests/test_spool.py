@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -540,6 +541,31 @@ def test_one_failed_write_in_a_batch_is_rolled_back_alone(spool_dir: Path) -> No
     assert names(spool_dir / "bodies") == ["HALF", "HALF.env"]
     assert db.data("HALF") == LARGE
     db.close()
+
+
+def test_a_body_file_that_cannot_be_removed_does_not_stop_the_writer(
+        spool_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A delivered message's file is removed after the commit; an error there (EISDIR here,
+    EACCES or EIO elsewhere) is logged, and the writer goes on with the next batch."""
+    async def scenario() -> tuple[bool, int]:
+        spool = Spool(spool_dir)
+        spool.start()
+        try:
+            await spool.put(envelope("SENT", LARGE), 1)
+            body = spool_dir / "bodies" / "SENT"
+            body.unlink()
+            (body / "in-the-way").mkdir(parents=True)  # unlink() now fails with EISDIR
+            recorded = await asyncio.wait_for(spool.record_soon("SENT", DELIVERED), 5)
+            await asyncio.wait_for(spool.put(envelope("NEXT"), 1), 5)
+            return recorded, (await asyncio.wait_for(spool.counts(), 5))["queued"]
+        finally:
+            await spool.close()
+
+    with caplog.at_level(logging.ERROR, logger="relay.spool"):
+        recorded, queued = asyncio.run(scenario())
+    assert recorded is True and queued == 1
+    assert any("cannot remove" in r.getMessage() and "SENT" in r.getMessage()
+               for r in caplog.records)
 
 
 @pytest.mark.parametrize("big_first", [True, False])
