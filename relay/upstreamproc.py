@@ -76,7 +76,10 @@ def wanted(config: Config, cpus: float | None = None) -> bool:
 def usable_cpus(cpu_max: Path = _CPU_MAX) -> float:
     """CPUs this process may run on: its affinity mask, cut by a cgroup v2 quota (containers
     started with ``--cpus 1`` see every core of the host in the mask)."""
-    count = float(len(os.sched_getaffinity(0)))
+    try:
+        count = float(len(os.sched_getaffinity(0)))
+    except OSError:  # a seccomp filter may refuse it (EPERM)
+        count = float(os.cpu_count() or 1)
     try:
         quota, period = cpu_max.read_text(encoding="ascii").split()[:2]
     except (OSError, ValueError):
