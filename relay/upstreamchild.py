@@ -27,6 +27,7 @@ from typing import Any
 from relay.config import UpstreamConfig
 from relay.frames import FrameProtocol
 from relay.logs import configure_logging
+from relay.memory import keep_heap_between_messages, keep_releasing_free_memory, release_free_memory
 from relay.outgoing import MessageData, MessageFile
 from relay.upstream import (
     SendResult,
@@ -210,7 +211,15 @@ async def serve(descriptor: int) -> None:
     child = Child()
     sock = socket.socket(fileno=descriptor)
     await loop.create_unix_connection(lambda: child.channel, sock=sock)
+    # The chunks of a burst of large mail pass through here too: give their pages back after
+    # it, as the relay does (relay.memory).
+    trim = None
+    if release_free_memory is not None:
+        keep_heap_between_messages()
+        trim = asyncio.create_task(keep_releasing_free_memory(release_free_memory))
     polite = await child.ended
+    if trim is not None:
+        trim.cancel()
     await child.finish(polite)
 
 
