@@ -325,6 +325,8 @@ class Server:
     # -- delivery reports (issue 11)
 
     def _set_up_bounces(self, config: Config, spool: Spool) -> None:
+        # Reports are matched by upstream id; without reports nothing reads that index.
+        spool.db.index_sent = config.reports.enabled
         sender = config.reports.bounce_sender
         if sender is None:
             return

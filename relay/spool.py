@@ -377,6 +377,9 @@ class SpoolDB:
         # Bounces (issue 11): the relay sets these when reports.bounces.sender is set.
         self.keep_headers = False
         self.bouncer: Bouncer | None = None
+        # Whether upstream ids are indexed for matching delivery reports: only when the relay
+        # takes reports in (one statement per delivered message fewer otherwise).
+        self.index_sent = True
 
     def _check_database(self) -> bool:
         """Refuse a damaged or foreign database (SpoolError); True when it is new or empty."""
@@ -540,10 +543,13 @@ class SpoolDB:
         Reports that arrived during the attempt are kept; recipients accepted with an Infobip
         id are indexed for reports; those that failed for good get a DSN (when bounces are on).
         """
-        stored = self.get(message_id)
-        if stored is None:
+        # Only the recipients: the whole row is read (and decoded) only for a DSN.
+        row = self.conn.execute("SELECT recipients FROM messages WHERE id=?",
+                                (message_id,)).fetchone()
+        if row is None:
             return False
-        recipients = _merge(outcome.recipients, stored.recipients)
+        before = _decode_recipients(row[0])
+        recipients = _merge(outcome.recipients, before)
         state = outcome.state if outcome.state == "deferred" else message_state(recipients)
         drop = not _keeps_data(recipients)
         cursor = self.conn.execute(
@@ -552,11 +558,11 @@ class SpoolDB:
              outcome.attempts, outcome.last_reply, outcome.upstream_id,
              int(outcome.auth_deferred), int(_awaiting_report(recipients)), now, message_id),
         )
-        self._index_sent(message_id, recipients, stored.recipients)
-        failed = [_send_failure(new) for old, new in zip(stored.recipients, recipients,
-                                                          strict=True)
+        if self.index_sent:
+            self._index_sent(message_id, recipients, before)
+        failed = [_send_failure(new) for old, new in zip(before, recipients, strict=True)
                   if old.state == "pending" and new.state == "failed"]
-        if failed:
+        if failed and (stored := self.get(message_id)) is not None:
             self._bounce(replace(stored, recipients=recipients), failed, now)
         if drop and cursor.rowcount:
             self._unlink_after_commit.extend(self._body_files(message_id))

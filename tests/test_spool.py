@@ -543,6 +543,25 @@ def test_one_failed_write_in_a_batch_is_rolled_back_alone(spool_dir: Path) -> No
     db.close()
 
 
+@pytest.mark.parametrize("reports", [True, False])
+def test_upstream_ids_are_indexed_only_for_reports(spool_dir: Path, reports: bool) -> None:
+    """The `sent` index serves report matching alone: a relay without reports skips it."""
+    db = SpoolDB(spool_dir)
+    db.index_sent = reports
+    try:
+        store(db, "M1", SMALL)
+        sent = Outcome((Recipient("a@y.test", "delivered", "250 ok", "IB-1"),
+                        Recipient("b@y.test", "delivered", "250 ok", "IB-1")),
+                       "delivered", 0.0, 1, "250 ok", "IB-1")
+        assert db.transaction(lambda: db.record("M1", sent, time.time())) is True
+        rows = db.conn.execute("SELECT upstream_id, recipient, message_id FROM sent").fetchall()
+        assert sorted(rows) == ([("IB-1", "a@y.test", "M1"), ("IB-1", "b@y.test", "M1")]
+                                if reports else [])
+        assert [r.state for r in db.get("M1").recipients] == ["delivered", "delivered"]
+    finally:
+        db.close()
+
+
 def test_a_body_file_that_cannot_be_removed_does_not_stop_the_writer(
         spool_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A delivered message's file is removed after the commit; an error there (EISDIR here,
