@@ -20,11 +20,11 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, cast
 
 from relay.bodyfiles import (
     ORPHANED_DIR,
@@ -274,6 +274,45 @@ _RECORD = ("UPDATE messages SET state=?, recipients=?, next_attempt=?, attempts=
 # A delivered message keeps its record (for `queue list --state delivered`) but not its bytes.
 _RECORD_DELIVERED = _RECORD.replace(" WHERE", ", data=NULL WHERE")
 _APPLY = ("UPDATE messages SET state=?, recipients=?, awaiting_report=?, updated=? WHERE id=?")
+# Rows per bulk statement: 512 x 17 values stays below SQLite's 32,766 bound variables.
+_BULK_ROWS = 512
+_INSERT_KIND = 13  # the body_file column in _INSERT's values
+
+
+@functools.lru_cache(maxsize=64)
+def _bulk_insert(count: int) -> str:
+    marks = "(?, 'queued', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    return _INSERT[:_INSERT.index(" VALUES")] + " VALUES " + ", ".join([marks] * count)
+
+
+_RECIPIENTS_OF = ("SELECT json_group_array(json_array(id, recipients)) FROM messages"
+                  " WHERE id IN ({marks})")
+_BULK_RECORD = (
+    "UPDATE messages SET state=v.column2, recipients=v.column3, next_attempt=v.column4,"
+    " attempts=v.column5, last_reply=v.column6,"
+    " upstream_id=COALESCE(v.column7, messages.upstream_id), auth_deferred=v.column8,"
+    " awaiting_report=v.column9, updated=v.column10,"
+    " data=CASE WHEN v.column11 THEN NULL ELSE messages.data END"
+    " FROM (VALUES {rows}) AS v WHERE messages.id=v.column1")
+
+
+@functools.lru_cache(maxsize=64)
+def _bulk_record(count: int) -> str:
+    """_RECORD for ``count`` rows at once: (id, the 9 values of _RECORD, drop) per row."""
+    rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count)
+    return _BULK_RECORD.format(rows=rows)
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """What recording one outcome writes: the row's new values, index rows, failures."""
+
+    message_id: str
+    recipients: tuple[Recipient, ...]
+    drop: bool
+    values: tuple[Any, ...]  # (id, state, recipients, ..., updated, drop) as _bulk_record takes
+    index: list[tuple[str, str, str]]
+    failed: list[Failed]
 
 
 def _decode_recipient(item: dict[str, Any]) -> Recipient:
@@ -377,6 +416,9 @@ class SpoolDB:
         # Bounces (issue 11): the relay sets these when reports.bounces.sender is set.
         self.keep_headers = False
         self.bouncer: Bouncer | None = None
+        # insert_many/record_many need UPDATE ... FROM (3.33) and JSON functions (built in
+        # since 3.38); an older SQLite runs the writes one by one.
+        self.bulk = sqlite3.sqlite_version_info >= (3, 38, 0)
         # Whether upstream ids are indexed for matching delivery reports: only when the relay
         # takes reports in (one statement per delivered message fewer otherwise).
         self.index_sent = True
@@ -475,27 +517,42 @@ class SpoolDB:
     def insert(self, envelope: Envelope, priority: int, now: float, *,
                written: int | None = None) -> None:
         """Add a queued message; ``written``: its body files are written already, this size."""
+        row = self._insert_row(envelope, priority, now, written)
+        try:
+            self.conn.execute(_INSERT, row)
+        except sqlite3.Error:
+            self._unlink_new_body(envelope, row)
+            raise
+
+    def insert_many(self, items: Sequence[tuple[Envelope, int, float, int | None]]) -> None:
+        """Several `insert`s in one statement: one step of SQLite, so one hand-off of the GIL
+        for the writer thread, where each statement costs one (see Spool). Raises like insert;
+        the caller then runs them one by one to find the failing one."""
+        rows = [self._insert_row(*item) for item in items]
+        for start in range(0, len(rows), _BULK_ROWS):
+            chunk = rows[start:start + _BULK_ROWS]
+            self.conn.execute(_bulk_insert(len(chunk)), [value for row in chunk for value in row])
+
+    def _insert_row(self, envelope: Envelope, priority: int, now: float,
+                    written: int | None) -> tuple[Any, ...]:
         ctx = envelope.context
         recipients = _encode_recipients(Recipient(address) for address in ctx.rcpt_tos)
         size = envelope.size if written is None else written
         kind = body_kind(envelope, size)
         if kind != IN_ROW and written is None:
             self.write_body_files(envelope, priority, now)
-        try:
-            self.conn.execute(
-                _INSERT,
-                (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
-                 json.dumps(list(envelope.mail_options)), size, ctx.client_ip,
-                 ctx.auth_user, ctx.listener, None if kind == WHOLE_FILE else envelope.data,
-                 kind, _kept_headers(envelope.data) if self.keep_headers else None,
-                 envelope.route, envelope.original_mail_from),
-            )
-        except sqlite3.Error:
-            if kind != IN_ROW:
-                for path in self._body_files(ctx.queue_id):
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-            raise
+        return (ctx.queue_id, priority, now, now, now, ctx.mail_from, recipients,
+                json.dumps(list(envelope.mail_options)), size, ctx.client_ip,
+                ctx.auth_user, ctx.listener, None if kind == WHOLE_FILE else envelope.data,
+                kind, _kept_headers(envelope.data) if self.keep_headers else None,
+                envelope.route, envelope.original_mail_from)
+
+    def _unlink_new_body(self, envelope: Envelope, row: tuple[Any, ...]) -> None:
+        """A message whose row could not be added leaves no body files behind."""
+        if row[_INSERT_KIND] != IN_ROW:
+            for path in self._body_files(envelope.context.queue_id):
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def write_body_files(self, envelope: Envelope, priority: int, now: float) -> None:
         """Write and fsync a message's body file and sidecar (no database: any thread)."""
@@ -548,33 +605,72 @@ class SpoolDB:
                                 (message_id,)).fetchone()
         if row is None:
             return False
-        before = _decode_recipients(row[0])
+        change = self._change(message_id, outcome, now, _decode_recipients(row[0]))
+        cursor = self.conn.execute(_RECORD_DELIVERED if change.drop else _RECORD,
+                                   change.values[1:-1] + change.values[:1])
+        self._index(change.index)
+        self._after_record(change, now)
+        return cursor.rowcount > 0
+
+    def record_many(self, items: Sequence[tuple[str, Outcome, float]]) -> list[bool]:
+        """Several `record`s in three statements whatever their number (see insert_many):
+        one reads every row's recipients, one updates every row, one indexes upstream ids."""
+        ids = [message_id for message_id, _, _ in items]
+        if len(set(ids)) < len(ids):  # one row twice: each must see the other's change
+            return [self.record(*item) for item in items]
+        stored = self._recipients_of(ids)
+        changes = [(self._change(message_id, outcome, now, stored[message_id]), now)
+                   for message_id, outcome, now in items if message_id in stored]
+        for start in range(0, len(changes), _BULK_ROWS):
+            chunk = changes[start:start + _BULK_ROWS]
+            self.conn.execute(_bulk_record(len(chunk)),
+                              [value for change, _ in chunk for value in change.values])
+        self._index([row for change, _ in changes for row in change.index])
+        for change, now in changes:
+            self._after_record(change, now)
+        return [message_id in stored for message_id in ids]
+
+    def _recipients_of(self, ids: list[str]) -> dict[str, tuple[Recipient, ...]]:
+        """The stored recipients of those of ``ids`` that exist, in one row (one step)."""
+        found: dict[str, tuple[Recipient, ...]] = {}
+        for start in range(0, len(ids), _BULK_ROWS):
+            chunk = ids[start:start + _BULK_ROWS]
+            marks = ",".join("?" * len(chunk))
+            (pairs,) = self.conn.execute(_RECIPIENTS_OF.format(marks=marks), chunk).fetchone()
+            found.update((message_id, _decode_recipients(text))
+                         for message_id, text in json.loads(pairs))
+        return found
+
+    def _change(self, message_id: str, outcome: Outcome, now: float,
+                before: tuple[Recipient, ...]) -> _Change:
         recipients = _merge(outcome.recipients, before)
         state = outcome.state if outcome.state == "deferred" else message_state(recipients)
         drop = not _keeps_data(recipients)
-        cursor = self.conn.execute(
-            _RECORD_DELIVERED if drop else _RECORD,
-            (state, _encode_recipients(recipients), outcome.next_attempt,
-             outcome.attempts, outcome.last_reply, outcome.upstream_id,
-             int(outcome.auth_deferred), int(_awaiting_report(recipients)), now, message_id),
-        )
-        if self.index_sent:
-            self._index_sent(message_id, recipients, before)
+        index = [(new.upstream_id, new.address.lower(), message_id)
+                 for old, new in zip(before, recipients, strict=True)
+                 if new.upstream_id is not None and old.upstream_id != new.upstream_id] \
+            if self.index_sent else []
         failed = [_send_failure(new) for old, new in zip(before, recipients, strict=True)
                   if old.state == "pending" and new.state == "failed"]
-        if failed and (stored := self.get(message_id)) is not None:
-            self._bounce(replace(stored, recipients=recipients), failed, now)
-        if drop and cursor.rowcount:
-            self._unlink_after_commit.extend(self._body_files(message_id))
-        return cursor.rowcount > 0
+        values = (message_id, state, _encode_recipients(recipients), outcome.next_attempt,
+                  outcome.attempts, outcome.last_reply, outcome.upstream_id,
+                  int(outcome.auth_deferred), int(_awaiting_report(recipients)), now, int(drop))
+        return _Change(message_id, recipients, drop, values, index, failed)
 
-    def _index_sent(self, message_id: str, recipients: tuple[Recipient, ...],
-                    before: tuple[Recipient, ...]) -> None:
-        rows = [(new.upstream_id, new.address.lower(), message_id)
-                for old, new in zip(before, recipients, strict=True)
-                if new.upstream_id is not None and old.upstream_id != new.upstream_id]
-        if rows:
-            self.conn.executemany("INSERT OR REPLACE INTO sent VALUES (?, ?, ?)", rows)
+    def _index(self, rows: list[tuple[str, str, str]]) -> None:
+        """Upstream id -> message, for matching delivery reports (one statement)."""
+        for start in range(0, len(rows), _BULK_ROWS):
+            chunk = rows[start:start + _BULK_ROWS]
+            marks = ",".join(["(?, ?, ?)"] * len(chunk))
+            self.conn.execute(f"INSERT OR REPLACE INTO sent VALUES {marks}",  # noqa: S608
+                              [value for row in chunk for value in row])
+
+    def _after_record(self, change: _Change, now: float) -> None:
+        """A DSN for recipients that failed for good; a delivered message's files to remove."""
+        if change.failed and (stored := self.get(change.message_id)) is not None:
+            self._bounce(replace(stored, recipients=change.recipients), change.failed, now)
+        if change.drop:
+            self._unlink_after_commit.extend(self._body_files(change.message_id))
 
     def _bounce(self, message: QueuedMessage, failed: list[Failed], now: float) -> None:
         """Queue the DSN for ``failed`` recipients in the transaction that made them fail."""
@@ -1036,6 +1132,32 @@ def restrict_mode(path: Path, mode: int) -> None:
 _Op = tuple[Callable[[SpoolDB], Any], asyncio.Future[Any], bool]
 
 
+class _Insert:
+    """SpoolDB.insert as a write the writer thread can join with others (insert_many)."""
+
+    __slots__ = ("row",)
+
+    def __init__(self, envelope: Envelope, priority: int, now: float, written: int | None
+                 ) -> None:
+        self.row = (envelope, priority, now, written)
+
+    def __call__(self, db: SpoolDB) -> None:
+        envelope, priority, now, written = self.row
+        db.insert(envelope, priority, now, written=written)
+
+
+class _Record:
+    """SpoolDB.record as a write the writer thread can join with others (record_many)."""
+
+    __slots__ = ("row",)
+
+    def __init__(self, message_id: str, outcome: Outcome, now: float) -> None:
+        self.row = (message_id, outcome, now)
+
+    def __call__(self, db: SpoolDB) -> bool:
+        return db.record(*self.row)
+
+
 class Spool:
     """Async front of the spool: one writer thread, group commit, results back on the loop."""
 
@@ -1105,20 +1227,18 @@ class Spool:
         now = time.time()
         size = envelope.size  # before the streamed body's file is renamed
         if body_kind(envelope, size) == IN_ROW:
-            await self._submit(lambda db: db.insert(envelope, priority, now), write=True)
+            await self._submit(_Insert(envelope, priority, now, None), write=True)
             return
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._body_writers, self.db.write_body_files, envelope, priority, now)
         except OSError as exc:
             raise SpoolError(f"spool error: {exc}") from exc
-        await self._submit(lambda db: db.insert(envelope, priority, now, written=size),
-                           write=True)
+        await self._submit(_Insert(envelope, priority, now, size), write=True)
 
     def record_soon(self, message_id: str, outcome: Outcome) -> asyncio.Future[bool]:
         """Queue an outcome for the next group commit; the future resolves once it is durable."""
-        now = time.time()
-        return self._submit(lambda db: db.record(message_id, outcome, now), write=True)
+        return self._submit(_Record(message_id, outcome, time.time()), write=True)
 
     async def get(self, message_id: str) -> QueuedMessage | None:
         result: QueuedMessage | None = await self._submit(lambda db: db.get(message_id))
@@ -1247,22 +1367,50 @@ class Spool:
         one raises is the transaction rolled back and the batch run again, each write in its
         own savepoint.
         """
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         conn = self.db.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for operation, future, _ in writes:
-                try:
-                    value = operation(self.db)
-                except Exception:  # the batch runs again, each write isolated
-                    conn.execute("ROLLBACK")
-                    self.db.forget_unlinks(0)
-                    return self._commit_isolated(writes)
-                results.append((future, value, None))
+            try:
+                values = self._apply(writes)
+            except Exception:  # the batch runs again, each write isolated
+                conn.execute("ROLLBACK")
+                self.db.forget_unlinks(0)
+                return self._commit_isolated(writes)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             return self._failed_commit(writes, exc)
-        return results
+        return [(future, value, None) for (_, future, _), value in zip(writes, values,
+                                                                       strict=True)]
+
+    def _apply(self, writes: list[_Op]) -> list[Any]:
+        """Run the writes in order, each one's value in turn; the inserts and records between
+        two other writes go together (insert_many, record_many: a few statements for any
+        number). None of them touches a row another one of them does: a message is recorded
+        only after its insert committed, and is sent by one worker at a time."""
+        values: list[Any] = [None] * len(writes)
+        inserts: list[int] = []
+        records: list[int] = []
+
+        def flush() -> None:
+            if inserts:
+                self.db.insert_many([cast(_Insert, writes[i][0]).row for i in inserts])
+            if records:
+                found = self.db.record_many([cast(_Record, writes[i][0]).row for i in records])
+                for index, value in zip(records, found, strict=True):
+                    values[index] = value
+            inserts.clear()
+            records.clear()
+
+        for index, (operation, _, _) in enumerate(writes):
+            if isinstance(operation, _Insert) and self.db.bulk:
+                inserts.append(index)
+            elif isinstance(operation, _Record) and self.db.bulk:
+                records.append(index)
+            else:
+                flush()
+                values[index] = operation(self.db)
+        flush()
+        return values
 
     def _commit_isolated(self, writes: list[_Op]
                          ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spooldamage import (
     make_foreign_file,
     make_foreign_sqlite,
@@ -35,6 +38,7 @@ from relay.spool import (
     LOCK_FILE,
     SPLIT,
     WHOLE_FILE,
+    Generated,
     Outcome,
     Recipient,
     Spool,
@@ -465,9 +469,12 @@ async def one_batch(spool: Spool, submit: Callable[[], list[Awaitable[Any]]]
     return results, statements
 
 
-def test_concurrent_puts_share_one_transaction(spool_dir: Path) -> None:
+@pytest.mark.parametrize("bulk", [True, False])
+def test_concurrent_puts_share_one_transaction(spool_dir: Path, bulk: bool) -> None:
+    """One transaction for the batch; with a recent SQLite one INSERT for all of it."""
     async def scenario() -> tuple[list[Any], list[str], int]:
         spool = Spool(spool_dir)
+        spool.db.bulk = bulk
         spool.start()
         try:
             results, statements = await one_batch(
@@ -480,7 +487,7 @@ def test_concurrent_puts_share_one_transaction(spool_dir: Path) -> None:
     assert results == [None] * 100 and queued == 100
     assert statements.count("BEGIN IMMEDIATE") == 1
     assert statements.count("COMMIT") == 1  # one transaction, one fsync, for 100 messages
-    assert sum(s.startswith("INSERT INTO messages") for s in statements) == 100
+    assert sum(s.startswith("INSERT INTO messages") for s in statements) == (1 if bulk else 100)
 
 
 def test_concurrent_puts_without_a_gate_still_batch(spool_dir: Path) -> None:
@@ -560,6 +567,72 @@ def test_upstream_ids_are_indexed_only_for_reports(spool_dir: Path, reports: boo
         assert [r.state for r in db.get("M1").recipients] == ["delivered", "delivered"]
     finally:
         db.close()
+
+
+def _numbered_dsns() -> Callable[[Any, bytes, list[Any]], Generated]:
+    """A bouncer whose DSNs are numbered in the order it is called."""
+    numbers = itertools.count(1)
+
+    def bounce(message: Any, headers: bytes, failed: list[Any]) -> Generated:
+        return Generated(f"DSN-{next(numbers)}-{message.id}", "", (message.mail_from,),
+                         b"Subject: dsn\r\n\r\n" + b",".join(f.address.encode() for f in failed))
+    return bounce
+
+
+def _outcome(kind: str, attempt: int) -> Outcome:
+    a, b = "a@y.test", "b@y.test"
+    recipients = {
+        "delivered": (Recipient(a, "delivered", "250 ok", f"IB-{attempt}"),
+                      Recipient(b, "delivered", "250 ok", f"IB-{attempt}")),
+        "deferred": (Recipient(a, "pending", "451 later"), Recipient(b, "pending", "451 later")),
+        "partial": (Recipient(a, "delivered", "250 ok", f"IB-{attempt}"),
+                    Recipient(b, "failed", "550 no such user")),
+        "failed": (Recipient(a, "failed", "550 no"), Recipient(b, "failed", "550 no")),
+    }[kind]
+    state = {"delivered": "delivered", "deferred": "deferred", "partial": "failed",
+             "failed": "failed"}[kind]
+    upstream_id = f"IB-{attempt}" if kind in ("delivered", "partial") else None
+    return Outcome(recipients, state, 1000.0 + attempt, attempt, "reply", upstream_id)
+
+
+_KINDS = st.sampled_from(["delivered", "deferred", "partial", "failed"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["M0", "M1", "M2", "M3", "GONE"]), _KINDS),
+                min_size=1, max_size=8),
+       st.dictionaries(st.sampled_from(["M0", "M1", "M2", "M3"]),
+                       st.sampled_from(["deferred", "partial"])), st.booleans())
+def test_record_many_writes_what_record_does_one_by_one(
+        tmp_path_factory: pytest.TempPathFactory, outcomes: list[tuple[str, str]],
+        earlier: dict[str, str], reports: bool) -> None:
+    """The bulk path is the same change as the one-by-one path, row for row: merges with an
+    earlier attempt, dropped bodies, upstream-id index, DSNs, missing and repeated ids."""
+    def run(bulk: bool) -> tuple[Any, ...]:
+        db = SpoolDB(tmp_path_factory.mktemp("spool"))
+        db.index_sent, db.keep_headers, db.bouncer = reports, True, _numbered_dsns()
+        try:
+            for n in range(4):
+                data = LARGE if n % 2 else SMALL
+                ctx = MessageContext(f"M{n}", "app@x.test", ("a@y.test", "b@y.test"),
+                                     "192.0.2.7", None, "local", len(data))
+                db.transaction(lambda ctx=ctx, data=data: db.insert(Envelope(ctx, data), 1, 100.0))
+            for queue_id, kind in sorted(earlier.items()):  # an earlier attempt's mark
+                db.transaction(lambda q=queue_id, k=kind: db.record(q, _outcome(k, 0), 500.0))
+            items = [(queue_id, _outcome(kind, n + 1), 900.0 + n)
+                     for n, (queue_id, kind) in enumerate(outcomes)]
+            if bulk:
+                found = db.transaction(lambda: db.record_many(items))
+            else:
+                found = db.transaction(lambda: [db.record(*item) for item in items])
+            unlinked = sorted(p.name for p in (db.bodies.iterdir() if db.bodies.exists()
+                                               else ()))
+            return (found, db.conn.execute("SELECT * FROM messages ORDER BY id").fetchall(),
+                    db.conn.execute("SELECT * FROM sent ORDER BY 1, 2").fetchall(), unlinked)
+        finally:
+            db.close()
+
+    assert run(bulk=True) == run(bulk=False)
 
 
 def test_a_body_file_that_cannot_be_removed_does_not_stop_the_writer(
