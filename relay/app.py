@@ -247,8 +247,9 @@ class Server:
         """Sessions in this process, or in the upstream process (started here) if wanted."""
         if not upstream_process_wanted(config):
             return connection_factory
-        self.upstream_process = UpstreamProcess(config.logging.level, config.logging.format,
-                                                iter_secret_values(config))
+        self.upstream_process = UpstreamProcess(
+            config.logging.level, config.logging.format, iter_secret_values(config),
+            on_crash=self.metrics.upstream_process_restarts.inc)
         await self.upstream_process.start()
         log.info("upstream sessions run in process %s", self.upstream_process.pid)
         return self.upstream_process.connection_factory

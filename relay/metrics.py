@@ -106,6 +106,10 @@ class Metrics:
         self.last_delivery = Gauge("relay_last_delivery_timestamp_seconds",
                                    "Unix time at which the upstream last accepted a message "
                                    "(0: not since the start)", registry=r)
+        self.upstream_process_restarts = Counter(
+            "relay_upstream_process_restarts",
+            "Times the upstream process ended unasked (its sends became outcome-unknown)",
+            registry=r)
         self.upstream_auth_ok = Gauge("relay_upstream_auth_ok",
                                       "0 while the upstream refuses our credentials",
                                       ["upstream"], registry=r)

@@ -92,8 +92,10 @@ def usable_cpus(cpu_max: Path = _CPU_MAX) -> float:
 class UpstreamProcess:
     """The child process holding every upstream session, and the requests waiting on it."""
 
-    def __init__(self, logging_level: str, logging_format: str, secrets: Iterable[str]) -> None:
+    def __init__(self, logging_level: str, logging_format: str, secrets: Iterable[str], *,
+                 on_crash: Callable[[], None] = lambda: None) -> None:
         self._hello = ("hello", logging_level, logging_format, tuple(secrets))
+        self._on_crash = on_crash
         self._channel: FrameProtocol | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._pending: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
@@ -198,6 +200,7 @@ class UpstreamProcess:
                 future.set_exception(ProcessLost(reason))
         if not self._stopping:
             self.restarts += 1
+            self._on_crash()
             log.error("%s; %d request(s) in it; a new one starts with the next request",
                       reason, len(pending))
             asyncio.get_running_loop().run_in_executor(None, process.wait)  # reap it

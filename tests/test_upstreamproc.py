@@ -224,6 +224,8 @@ def test_a_killed_upstream_process_loses_nothing(fake_upstream: FakeUpstream,
                timeout=20, what="both delivered by a new process")
     assert _upstream_pid(relay) != first_pid
     assert relay.server.upstream_process.restarts == 1  # type: ignore[union-attr]
+    assert "relay_upstream_process_restarts_total 1.0" in \
+        relay.server.metrics.render().decode()
 
 
 def test_upstream_process_off_keeps_the_sessions_here(fake_upstream: FakeUpstream,
