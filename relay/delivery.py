@@ -134,6 +134,11 @@ class UpstreamHealth:
         return True, "ready"
 
 
+def _nothing_handed_over(outcome: Outcome) -> bool:
+    """A deferral in which every recipient is still pending: no copy is upstream."""
+    return outcome.state == "deferred" and all(r.state == "pending" for r in outcome.recipients)
+
+
 def backoff_delay(attempts: int, initial: float, maximum: float) -> float:
     """Exponential backoff with jitter: initial * 2^(attempts-1), +-20 %, capped at maximum."""
     base = min(maximum, initial * 2.0 ** max(0, attempts - 1))
@@ -375,9 +380,17 @@ class Delivery:
         if job.id not in self._unrecorded:
             self._known.discard(job.id)
 
-    def _keep_if_unrecorded(self, message_id: str, outcome: Outcome,
+    def _keep_if_unrecorded(self, message_id: str, outcome: Outcome, keep: bool,
                             recorded: asyncio.Future[bool]) -> None:
         if recorded.cancelled() or recorded.exception() is None:
+            return
+        if not keep:
+            # Nothing reached the upstream: the row as it stands is still true, so the
+            # message is simply due again. Held back instead, on a full disk that no outcome
+            # can be committed to, it would wait until the disk had room (and none is made).
+            log.warning("cannot record the outcome for %s (%s): %s; the message stays due",
+                        message_id, outcome.state, recorded.exception(),
+                        extra={"queue_id": message_id})
             return
         self._unrecorded[message_id] = outcome
         log.error("cannot record the outcome for %s (%s): %s; it is kept in memory and retried, "
@@ -486,7 +499,7 @@ class Delivery:
         result = SendResult(reply=f"451 4.4.2 outcome unknown after the final dot: {error}")
         outcome = decide_outcome(message, result, time.time(), self.config,
                                  min_delay=self.config.queue.retry_max)
-        return self._record(message, outcome)
+        return self._record(message, outcome, resend_safe=False)
 
     def _on_unavailable(self, message: QueuedMessage, error: str) -> asyncio.Future[bool]:
         delay = self.health.record_failure(error)
@@ -498,12 +511,15 @@ class Delivery:
                                  self.config)
         return self._record(message, outcome)
 
-    def _record(self, message: QueuedMessage, outcome: Outcome, *, log_it: bool = True
-                ) -> asyncio.Future[bool]:
+    def _record(self, message: QueuedMessage, outcome: Outcome, *, log_it: bool = True,
+                resend_safe: bool = True) -> asyncio.Future[bool]:
+        """Commit ``outcome``. ``resend_safe``: False when the upstream may have the message
+        although no recipient says so (an unknown outcome)."""
         recorded = self.spool.record_soon(message.id, outcome)
+        keep = not (resend_safe and _nothing_handed_over(outcome))
         # Registered before the worker's _release callback, so it runs first.
         recorded.add_done_callback(functools.partial(self._keep_if_unrecorded, message.id,
-                                                     outcome))
+                                                     outcome, keep))
         self.metrics.outcomes.labels(state=outcome.state, upstream=self.name).inc()
         if log_it:
             self._log_outcome(message, outcome)

@@ -26,9 +26,10 @@ import relay.delivery as delivery_module
 from relay.config import Config, load_config
 from relay.delivery import Delivery, UpstreamHealth, backoff_delay, decide_outcome
 from relay.envelope import Envelope, MessageContext
+from relay.errors import SpoolError
 from relay.infobip.priority import PRIORITIES
 from relay.metrics import Metrics
-from relay.spool import QueuedMessage, Recipient, Spool, SpoolDB
+from relay.spool import Outcome, QueuedMessage, Recipient, Spool, SpoolDB
 from relay.upstream import (
     SendResult,
     Upstream,
@@ -366,6 +367,54 @@ def test_scripted_unknown_outcome_waits_at_least_retry_max(config: Config) -> No
     assert deferred.next_attempt - deferred.updated >= 600 - 1
     assert unknown == 1
     assert len(script.sent) == 1
+
+
+def _deferrals_cannot_commit(spool: Spool) -> list[str]:
+    """Make the spool refuse to commit every deferral, as a full disk does; returns the ids."""
+    refused: list[str] = []
+    record_soon = spool.record_soon
+
+    def failing(message_id: str, outcome: Outcome) -> asyncio.Future[bool]:
+        if outcome.state != "deferred":
+            return record_soon(message_id, outcome)
+        refused.append(message_id)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        future.set_exception(SpoolError("spool commit failed: database or disk is full"))
+        return future
+
+    spool.record_soon = failing  # type: ignore[method-assign]
+    return refused
+
+
+@pytest.mark.parametrize(("failure", "sent_again"), [
+    # Nothing reached the upstream: the message is due again at once (the poller finds it).
+    (UpstreamUnavailable("127.0.0.1:25: cannot connect: refused"), True),
+    (lambda rcpts: SendResult(temporary=dict.fromkeys(rcpts, "451 4.3.0 try later"),
+                              reply="451 4.3.0 try later"), True),
+    # The upstream may have it: held back (kept in memory) rather than sent again now.
+    (UpstreamOutcomeUnknown("no reply to the final dot: timeout"), False),
+    # One recipient has it: the next attempt must not send it to that one again.
+    (lambda rcpts: SendResult(accepted=rcpts[:1], temporary={rcpts[1]: "451 4.2.0 later"},
+                              reply="250 ok", upstream_id="IB-1"), False),
+], ids=["unavailable", "451", "unknown-outcome", "partly-accepted"])
+def test_a_deferral_that_cannot_be_recorded_holds_back_only_what_the_upstream_may_have(
+        config: Config, failure: Step, sent_again: bool) -> None:
+    script = Script(sends=[failure])
+
+    async def scenario() -> tuple[list[str], QueuedMessage | None]:
+        async with delivering(config, script) as (delivery, spool):
+            refused = _deferrals_cannot_commit(spool)
+            await spool_one(delivery, "FULL", ("a@example.net", "b@example.net"))
+            if sent_again:
+                return refused, await settled(spool, "FULL", ("delivered",))
+            await asyncio.sleep(2.0)  # the poller runs every second
+            return refused, await spool.get("FULL")
+
+    refused, final = asyncio.run(scenario())
+    assert refused[0] == "FULL"
+    assert len(script.sent) == (2 if sent_again else 1)
+    assert final is not None
+    assert final.state == ("delivered" if sent_again else "queued")
 
 
 def test_scripted_permanent_refusal_fails_at_once(config: Config) -> None:
