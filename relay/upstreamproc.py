@@ -103,7 +103,6 @@ class UpstreamProcess:
         self._ids = itertools.count(1)
         # Bumped at each start: sessions opened in an earlier process are gone.
         self.generation = 0
-        self.restarts = 0
         self._started_at = -_RESTART_DELAY
         self._starting = asyncio.Lock()
         self._stopping = False
@@ -199,7 +198,6 @@ class UpstreamProcess:
             if not future.done():
                 future.set_exception(ProcessLost(reason))
         if not self._stopping:
-            self.restarts += 1
             self._on_crash()
             log.error("%s; %d request(s) in it; a new one starts with the next request",
                       reason, len(pending))

@@ -223,7 +223,6 @@ def test_a_killed_upstream_process_loses_nothing(fake_upstream: FakeUpstream,
     wait_until(lambda: {held, later} <= {m.id for m in spool_messages(relay, ("delivered",))},
                timeout=20, what="both delivered by a new process")
     assert _upstream_pid(relay) != first_pid
-    assert relay.server.upstream_process.restarts == 1  # type: ignore[union-attr]
     assert "relay_upstream_process_restarts_total 1.0" in \
         relay.server.metrics.render().decode()
 
