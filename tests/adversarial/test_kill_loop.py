@@ -12,7 +12,8 @@ Checked at the end:
   (the relay's Received header: "with ESMTP id ID") and by its X-Test-Seq;
 * every sequence number was delivered at least once;
 * relay-side duplicates (one queue id delivered more than once: a send in flight upstream when
-  the relay died) are at most ``upstream.connections`` per kill;
+  the relay died, or the one before it on the same connection, whose 250 was still being
+  committed) are at most two per upstream connection per kill (the README's window);
 * client-side duplicates (one sequence number under two queue ids) only where the client's
   transaction died inside DATA, so that it could not know the outcome and sent again
   (RFC 5321 §6.1: the unavoidable window of the SMTP protocol itself).
@@ -238,10 +239,10 @@ def test_sigkill_loop_under_parallel_load(fake_upstream: FakeUpstream,
 
     # Duplicates within the documented window.
     relay_dups = {queue_id: n - 1 for queue_id, n in counts.items() if n > 1}
-    window = UPSTREAM_CONNECTIONS * kills
+    window = 2 * UPSTREAM_CONNECTIONS * kills
     assert sum(relay_dups.values()) <= window, (
         f"{sum(relay_dups.values())} relay-side duplicate(s) > {window} "
-        f"(connections x kills): {relay_dups}")
+        f"(2 x connections x kills): {relay_dups}")
     ids_per_seq = Counter(seqs.values())
     client_dups = {seq for seq, n in ids_per_seq.items() if n > 1}
     assert client_dups <= ledger.ambiguous, (
