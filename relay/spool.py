@@ -314,6 +314,11 @@ class _Change:
     index: list[tuple[str, str, str]]
     failed: list[Failed]
 
+    @property
+    def record_values(self) -> tuple[Any, ...]:
+        """The same for _RECORD: without the drop flag, the id last (its WHERE)."""
+        return (*self.values[1:-1], self.values[0])
+
 
 def _decode_recipient(item: dict[str, Any]) -> Recipient:
     report, tracking = item.get("rep"), item.get("t")
@@ -607,7 +612,7 @@ class SpoolDB:
             return False
         change = self._change(message_id, outcome, now, _decode_recipients(row[0]))
         cursor = self.conn.execute(_RECORD_DELIVERED if change.drop else _RECORD,
-                                   change.values[1:-1] + change.values[:1])
+                                   change.record_values)
         self._index(change.index)
         self._after_record(change, now)
         return cursor.rowcount > 0
