@@ -93,7 +93,9 @@ class Child:
         self.ended: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._factories: dict[int, Callable[[], UpstreamConnection]] = {}
         self._connections: dict[int, UpstreamConnection] = {}
+        self._factory_of: dict[int, int] = {}  # connection id -> factory id
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._forgetting: set[asyncio.Task[None]] = set()
 
     # -- frames from the relay
 
@@ -107,13 +109,16 @@ class Child:
             _, request, connection_id = frame
             self._start(request, connection_id, self._connections.get(connection_id),
                         self._probe)
-        elif kind == "close":
+        elif kind == "close":  # the session only: the slot is used again later
             _, request, connection_id = frame
-            self._start(request, connection_id, self._connections.pop(connection_id, None),
+            self._start(request, connection_id, self._connections.get(connection_id),
                         self._close)
         elif kind == "open":
             _, connection_id, factory_id, config, hostname = frame
             self._connections[connection_id] = self._factory(factory_id, config, hostname)()
+            self._factory_of[connection_id] = factory_id
+        elif kind == "forget":  # the relay let go of this slot (replaced, or a probe's)
+            self._forget(frame[1])
         elif kind == "cancel":
             task = self._tasks.get(frame[1])
             if task is not None:
@@ -129,6 +134,18 @@ class Child:
             log.error("channel to the relay broken: %s", exc)
         if not self.ended.done():
             self.ended.set_result(False)
+
+    def _forget(self, connection_id: int) -> None:
+        """Drop a slot, closing its session if one is open, and its factory (and TLS context)
+        once no slot uses it: reloads and probes would otherwise pile them up."""
+        connection = self._connections.pop(connection_id, None)
+        factory_id = self._factory_of.pop(connection_id, None)
+        if factory_id not in self._factory_of.values():
+            self._factories.pop(factory_id, None)  # type: ignore[arg-type]
+        if connection is not None and connection.connected:
+            task = asyncio.create_task(connection.close())
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgetting.discard)
 
     def _factory(self, factory_id: int, config: UpstreamConfig, hostname: str
                  ) -> Callable[[], UpstreamConnection]:
@@ -194,7 +211,7 @@ class Child:
         """Cancel what is still running; QUIT the sessions left when the relay asked to exit."""
         for task in list(self._tasks.values()):
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), *self._forgetting, return_exceptions=True)
         connections = list(self._connections.values())
         self._connections.clear()
         if polite:

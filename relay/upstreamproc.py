@@ -14,6 +14,7 @@ next request starts a new process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,13 @@ class UpstreamProcess:
 
     def new_id(self) -> int:
         return next(self._ids)
+
+    def forget(self, connection_id: int, generation: int) -> None:
+        """A `RemoteUpstream` is gone: its slot in the process may go too (best effort)."""
+        if self._channel is None or generation != self.generation:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop any more (at exit)
+            self._channel.send(("forget", connection_id))
 
     async def start(self) -> None:
         await self._running()
@@ -216,10 +225,17 @@ class RemoteUpstream:
         self._hostname = hostname
         # The process generation this session was opened in (0: none yet).
         self.generation = 0
+        self._forget: weakref.finalize[Any, Any] | None = None
         self._state: tuple[bool, bool | None, int | None] = (False, None, None)
 
     def open_frame(self) -> tuple[Any, ...]:
         self._state = (False, None, None)
+        # Once this object is gone (a replaced connection, a probe's), the process lets go of
+        # the slot; a close() keeps the slot for the next send.
+        if self._forget is not None:
+            self._forget.detach()  # opened again in a new process: forget it there
+        self._forget = weakref.finalize(self, self._process.forget, self._id,
+                                        self._process.generation)
         return ("open", self._id, self._factory_id, self._config, self._hostname)
 
     @property

@@ -7,6 +7,7 @@ kill the relay under it, and check that nothing is lost and nothing is left runn
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import signal
@@ -287,3 +288,45 @@ def test_a_graceful_stop_ends_the_process_too(fake_upstream: FakeUpstream,
     assert relay.terminate() == 0
     assert not _alive(child)
     assert "Traceback" not in relay.log()
+
+
+def test_a_session_closed_for_idleness_is_opened_again(fake_upstream: FakeUpstream,
+                                                       start_relay: StartRelay) -> None:
+    """After upstream.idle_timeout the session is closed (QUIT); the next message opens a new
+    one in the same slot at its first attempt."""
+    relay = start_relay(fake_upstream, upstream_process="on",
+                        upstream={"connections": 1, "idle_timeout": "1s"})
+    first = send(relay)
+    fake_upstream.wait_for(1)
+    wait_until(lambda: fake_upstream.open_connections == 0, timeout=10,
+               what="the idle session closed")
+    second = send(relay)
+    records = wait_until(
+        lambda: (found := {m.id: m for m in spool_messages(relay, ("delivered",))}).keys()
+        >= {first, second} and found, what="both recorded as delivered")
+    assert records[first].attempts == records[second].attempts == 1
+    one, two = fake_upstream.wait_for(2)
+    assert one.session_id != two.session_id  # a new session in the same slot
+
+
+def test_a_dropped_session_object_lets_the_process_close_its_slot(
+        fake_upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """Probes and reloads make session objects and drop them: the process lets go of each
+    slot (and its session) then, instead of keeping them all."""
+    relay = start_relay(fake_upstream, upstream_process="on")
+    process = relay.server.upstream_process
+    assert process is not None
+    factory = process.connection_factory(relay.config.upstream, relay.config.hostname)
+
+    async def probe_and_drop() -> None:
+        probe = factory()
+        await probe.probe()  # a session, opened and left open
+        del probe  # dropped without close(), as a replaced connection may be
+        gc.collect()
+
+    before = fake_upstream.open_connections
+    relay.call(probe_and_drop())
+    wait_until(lambda: fake_upstream.open_connections == before + 1 or
+               fake_upstream.connections > 0, what="the probe's session")
+    wait_until(lambda: fake_upstream.open_connections == before, timeout=10,
+               what="the dropped slot's session closed by the process")
