@@ -38,7 +38,7 @@ ALERTS = ("InfobipRelayUpstreamDown", "InfobipRelayUpstreamAuthFailing",
           "InfobipRelayOldestMessageStuck", "InfobipRelayFailedMessages",
           "InfobipRelaySpoolNotWritable", "InfobipRelayRestartingOften",
           "InfobipRelayQueueGrowing", "InfobipRelayUpstreamThrottled",
-          "InfobipRelayReportsPullFailing")
+          "InfobipRelayReportsPullFailing", "InfobipRelayUpstreamProcessCrashed")
 
 
 # --------------------------------------------------------------------------- promtool
