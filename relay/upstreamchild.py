@@ -103,16 +103,14 @@ class Child:
         kind = frame[0]
         if kind == "send":
             _, request, connection_id, mail_from, recipients, payload, options = frame
-            self._start(request, connection_id, self._connections.get(connection_id),
+            self._start(request, self._connections.get(connection_id),
                         lambda c: self._send(c, mail_from, recipients, payload, options))
         elif kind == "probe":
             _, request, connection_id = frame
-            self._start(request, connection_id, self._connections.get(connection_id),
-                        self._probe)
+            self._start(request, self._connections.get(connection_id), self._probe)
         elif kind == "close":  # the session only: the slot is used again later
             _, request, connection_id = frame
-            self._start(request, connection_id, self._connections.get(connection_id),
-                        self._close)
+            self._start(request, self._connections.get(connection_id), self._close)
         elif kind == "open":
             _, connection_id, factory_id, config, hostname = frame
             self._connections[connection_id] = self._factory(factory_id, config, hostname)()
@@ -157,15 +155,14 @@ class Child:
 
     # -- requests
 
-    def _start(self, request: int, connection_id: int, connection: UpstreamConnection | None,
+    def _start(self, request: int, connection: UpstreamConnection | None,
                operation: Callable[[UpstreamConnection], Awaitable[tuple[Any, ...] | None]]
                ) -> None:
-        task = asyncio.create_task(self._answer(request, connection_id, connection, operation))
+        task = asyncio.create_task(self._answer(request, connection, operation))
         self._tasks[request] = task
         task.add_done_callback(lambda _: self._tasks.pop(request, None))
 
-    async def _answer(self, request: int, connection_id: int,
-                      connection: UpstreamConnection | None,
+    async def _answer(self, request: int, connection: UpstreamConnection | None,
                       operation: Callable[[UpstreamConnection],
                                           Awaitable[tuple[Any, ...] | None]]) -> None:
         try:
@@ -178,10 +175,9 @@ class Child:
             if failure_kind(exc) == "error":
                 log.exception("unexpected error in an upstream session")
             self.channel.send(("failed", request, failure_kind(exc), str(exc),
-                               connection_state(self._connections.get(connection_id))))
+                               connection_state(connection)))
             return
-        self.channel.send(("done", request, fields,
-                           connection_state(self._connections.get(connection_id))))
+        self.channel.send(("done", request, fields, connection_state(connection)))
 
     @staticmethod
     async def _send(connection: UpstreamConnection, mail_from: str,
