@@ -285,7 +285,7 @@ def _bulk_insert(count: int) -> str:
     return _INSERT[:_INSERT.index(" VALUES")] + " VALUES " + ", ".join([marks] * count)
 
 
-_RECIPIENTS_OF = ("SELECT json_group_array(json_array(id, recipients)) FROM messages"
+_RECIPIENTS_OF = ("SELECT json_group_array(json_array(id, recipients, body_file)) FROM messages"
                   " WHERE id IN ({marks})")
 _BULK_RECORD = (
     "UPDATE messages SET state=v.column2, recipients=v.column3, next_attempt=v.column4,"
@@ -304,12 +304,21 @@ def _bulk_record(count: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class _Stored:
+    """What recording an outcome reads of a message's row."""
+
+    recipients: tuple[Recipient, ...]
+    files: bool  # body_file is not IN_ROW
+
+
+@dataclass(frozen=True, slots=True)
 class _Change:
     """What recording one outcome writes: the row's new values, index rows, failures."""
 
     message_id: str
     recipients: tuple[Recipient, ...]
     drop: bool
+    files: bool  # the message has body files (not IN_ROW): dropping it removes them
     values: tuple[Any, ...]  # (id, state, recipients, ..., updated, drop) as _bulk_record takes
     index: list[tuple[str, str, str]]
     failed: list[Failed]
@@ -606,11 +615,12 @@ class SpoolDB:
         id are indexed for reports; those that failed for good get a DSN (when bounces are on).
         """
         # Only the recipients: the whole row is read (and decoded) only for a DSN.
-        row = self.conn.execute("SELECT recipients FROM messages WHERE id=?",
+        row = self.conn.execute("SELECT recipients, body_file FROM messages WHERE id=?",
                                 (message_id,)).fetchone()
         if row is None:
             return False
-        change = self._change(message_id, outcome, now, _decode_recipients(row[0]))
+        change = self._change(message_id, outcome, now,
+                              _Stored(_decode_recipients(row[0]), row[1] != IN_ROW))
         cursor = self.conn.execute(_RECORD_DELIVERED if change.drop else _RECORD,
                                    change.record_values)
         self._index(change.index)
@@ -635,19 +645,20 @@ class SpoolDB:
             self._after_record(change, now)
         return [message_id in stored for message_id in ids]
 
-    def _recipients_of(self, ids: list[str]) -> dict[str, tuple[Recipient, ...]]:
+    def _recipients_of(self, ids: list[str]) -> dict[str, _Stored]:
         """The stored recipients of those of ``ids`` that exist, in one row (one step)."""
-        found: dict[str, tuple[Recipient, ...]] = {}
+        found: dict[str, _Stored] = {}
         for start in range(0, len(ids), _BULK_ROWS):
             chunk = ids[start:start + _BULK_ROWS]
             marks = ",".join("?" * len(chunk))
             (pairs,) = self.conn.execute(_RECIPIENTS_OF.format(marks=marks), chunk).fetchone()
-            found.update((message_id, _decode_recipients(text))
-                         for message_id, text in json.loads(pairs))
+            found.update((message_id, _Stored(_decode_recipients(text), kind != IN_ROW))
+                         for message_id, text, kind in json.loads(pairs))
         return found
 
     def _change(self, message_id: str, outcome: Outcome, now: float,
-                before: tuple[Recipient, ...]) -> _Change:
+                stored: _Stored) -> _Change:
+        before = stored.recipients
         recipients = _merge(outcome.recipients, before)
         state = outcome.state if outcome.state == "deferred" else message_state(recipients)
         drop = not _keeps_data(recipients)
@@ -660,7 +671,7 @@ class SpoolDB:
         values = (message_id, state, _encode_recipients(recipients), outcome.next_attempt,
                   outcome.attempts, outcome.last_reply, outcome.upstream_id,
                   int(outcome.auth_deferred), int(_awaiting_report(recipients)), now, int(drop))
-        return _Change(message_id, recipients, drop, values, index, failed)
+        return _Change(message_id, recipients, drop, stored.files, values, index, failed)
 
     def _index(self, rows: list[tuple[str, str, str]]) -> None:
         """Upstream id -> message, for matching delivery reports (one statement)."""
@@ -674,7 +685,7 @@ class SpoolDB:
         """A DSN for recipients that failed for good; a delivered message's files to remove."""
         if change.failed and (stored := self.get(change.message_id)) is not None:
             self._bounce(replace(stored, recipients=change.recipients), change.failed, now)
-        if change.drop:
+        if change.drop and change.files:  # an IN_ROW message never had files: no syscalls
             self._unlink_after_commit.extend(self._body_files(change.message_id))
 
     def _bounce(self, message: QueuedMessage, failed: list[Failed], now: float) -> None:

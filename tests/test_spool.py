@@ -635,6 +635,27 @@ def test_record_many_writes_what_record_does_one_by_one(
     assert run(bulk=True) == run(bulk=False)
 
 
+@pytest.mark.parametrize("bulk", [True, False])
+def test_only_a_delivered_message_with_body_files_has_files_to_remove(
+        spool_dir: Path, bulk: bool) -> None:
+    """A message kept in its row never had files: dropping it costs no unlink() calls (two
+    per message, each a system call in the writer thread); a file body and its sidecar go."""
+    db = SpoolDB(spool_dir)
+    try:
+        for queue_id, data in (("ROW", SMALL), ("FILE", LARGE)):
+            db.transaction(lambda q=queue_id, d=data: db.insert(envelope(q, d), 1, 100.0))
+        for queue_id, expected in (("ROW", []), ("FILE", ["FILE", "FILE.env"])):
+            item = (queue_id, DELIVERED, 200.0)
+
+            def record(item: tuple[str, Outcome, float] = item) -> list[str]:
+                db.record_many([item]) if bulk else db.record(*item)
+                return sorted(path.name for path in db._unlink_after_commit)
+            assert db.transaction(record) == expected
+        assert not any(db.bodies.iterdir())  # and the transaction removed them
+    finally:
+        db.close()
+
+
 def test_a_body_file_that_cannot_be_removed_does_not_stop_the_writer(
         spool_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A delivered message's file is removed after the commit; an error there (EISDIR here,
