@@ -22,6 +22,7 @@ from relay.delivery import Delivery
 from relay.errors import ConfigError, RelayError, SpoolError
 from relay.httpserver import HTTPServer, health_app
 from relay.listener import ListenerState, protocol_factory
+from relay.logs import reconfigure_logging
 from relay.memory import keep_heap_between_messages, keep_releasing_free_memory, release_free_memory
 from relay.metrics import Metrics
 from relay.pidfile import remove_pid, write_pid
@@ -208,6 +209,7 @@ class Server:
             _warn_unreloadable(self.config, new)
             changed = [upstream.name for upstream in new.all_upstreams
                        if upstream != self.config.upstream_named(upstream.name)]
+            self._reconfigure_logging(self.config, new)
             self.config = new
             if self.state is not None:
                 self.state.config = new
@@ -226,6 +228,15 @@ class Server:
                 sdnotify.ready("relaying")
 
     # -- parts
+
+    def _reconfigure_logging(self, old: Config, new: Config) -> None:
+        """The new level and format, here and in the upstream process. Both configs' secrets
+        stay masked: a session opened before the reload may still log the old key."""
+        secrets = {*iter_secret_values(old), *iter_secret_values(new)}
+        reconfigure_logging(new.logging.level, new.logging.format, secrets)
+        if self.upstream_process is not None:
+            self.upstream_process.reconfigure_logging(new.logging.level, new.logging.format,
+                                                      secrets)
 
     async def _routes_kept(self, new: Config) -> bool:
         """False (logged) when ``new`` drops an upstream that queued mail still uses."""

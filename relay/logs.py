@@ -66,19 +66,47 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class RelayLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler configure_logging() installs: a reload finds it by its class."""
+
+
 def configure_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JSONFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(SecretFilter(secrets))
-    handler.addFilter(EscapeControlsFilter())
+    handler = RelayLogHandler(sys.stderr)
+    _dress(handler, fmt, secrets)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    _set_levels(level)
+
+
+def reconfigure_logging(level: str, fmt: str, secrets: Iterable[str]) -> None:
+    """A reload's level, format and secrets, on the handler configure_logging() installed.
+
+    Only that handler changes: where the relay runs inside another program's logging (the
+    tests' log capture, an embedding application), nothing was installed and nothing is.
+    """
+    ours = [handler for handler in logging.getLogger().handlers
+            if isinstance(handler, RelayLogHandler)]
+    if not ours:
+        return
+    for handler in ours:
+        _dress(handler, fmt, secrets)
+    _set_levels(level)
+
+
+def _dress(handler: logging.Handler, fmt: str, secrets: Iterable[str]) -> None:
+    """The format, then the mask of ``secrets`` and the escaping of control characters."""
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # One assignment: a thread logging meanwhile sees the old filters or the new, never none.
+    handler.filters = [SecretFilter(secrets), EscapeControlsFilter()]
+
+
+def _set_levels(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
     # aiosmtpd logs every command at INFO and a traceback per failed TLS handshake.
     logging.getLogger("mail.log").setLevel(logging.CRITICAL if level != "debug" else logging.INFO)
     logging.getLogger("asyncio").setLevel(logging.WARNING)

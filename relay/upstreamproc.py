@@ -191,6 +191,12 @@ class UpstreamProcess:
         self._channel = channel
         log.debug("upstream process %d started", self._process.pid)
 
+    def reconfigure_logging(self, level: str, fmt: str, secrets: Iterable[str]) -> None:
+        """A reload's logging settings and secrets, for the process now and after a restart."""
+        self._hello = ("hello", level, fmt, tuple(secrets))
+        if self._channel is not None:
+            self._channel.send(self._hello)
+
     def _on_answer(self, frame: tuple[Any, ...]) -> None:
         future = self._pending.pop(frame[1], None)
         if future is not None and not future.done():

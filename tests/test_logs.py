@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from relay.logs import JSONFormatter, SecretFilter, configure_logging
+from relay.logs import JSONFormatter, SecretFilter, configure_logging, reconfigure_logging
 
 
 @pytest.fixture
@@ -68,3 +68,21 @@ def test_control_characters_from_clients_are_escaped(captured, fmt):
     message = json.loads(output)["message"] if fmt == "json" else output
     assert "evil\\x0d\\x0aFAKE LINE\\x00\\x1b[31m\\x85" in message
     assert "\r" not in output and "\x1b" not in output and "\x00" not in output
+
+
+def test_a_reload_masks_the_new_secrets_and_takes_the_new_format(captured):
+    log = _log_to(captured, "text", ("old-api-key-1111",))
+    reconfigure_logging("debug", "json", ("old-api-key-1111", "new-api-key-2222"))
+    log.debug("upstream said: bad key new-api-key-2222 (was old-api-key-1111)")
+    [line] = captured.getvalue().splitlines()
+    entry = json.loads(line)  # the new format
+    assert entry["level"] == "debug"  # the new level
+    assert entry["message"] == "upstream said: bad key ******** (was ********)"
+
+
+def test_a_reload_leaves_logging_it_did_not_install_alone():
+    """Inside another program's logging (pytest's capture here) there is nothing to change."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    reconfigure_logging("debug", "json", ("new-api-key-2222",))
+    assert root.handlers == before and root.level == level

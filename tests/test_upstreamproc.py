@@ -290,6 +290,44 @@ def test_a_graceful_stop_ends_the_process_too(fake_upstream: FakeUpstream,
     assert "Traceback" not in relay.log()
 
 
+@pytest.mark.slow
+def test_a_reload_brings_new_log_settings_and_secrets_to_both_processes(
+        fake_upstream: FakeUpstream, start_relay_process: Callable[..., Any],
+        tmp_path: Path) -> None:
+    """A reload with a new key and log level: the relay and its upstream process both mask
+    the new key and the old one (an upstream echoing them back in its replies here), and the
+    upstream process logs at the new level."""
+    old, new = "old-api-key-1111", "new-api-key-2222"
+    fake_upstream.api_key = old
+    config = relay_config(tmp_path, fake_upstream, upstream_process="on",
+                          upstream={"password": old},
+                          queue={"retry_initial": "0.3s", "retry_max": "1s", "auth_retry": "1s"})
+    relay = start_relay_process(config)
+    send(relay)
+    fake_upstream.wait_for(1)
+
+    fake_upstream.api_key = new
+    config["upstream"]["password"] = new
+    config["logging"] = {"level": "debug"}
+    relay.config_path.write_text(yaml.safe_dump(config))
+    relay.signal(signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in relay.log(), what="the reload")
+    reloaded = len(relay.log())
+    # Logged by the relay (an authentication failure), then by the upstream process (a reply
+    # out of sequence, tried once more on a new connection).
+    fake_upstream.fail_next("auth", 535, f"5.7.8 key {new} refused")
+    fake_upstream.fail_next("mail", 503, f"5.5.1 out of sequence for {new} and {old}")
+    send(relay)
+    fake_upstream.wait_for(2, timeout=20)
+    log = relay.log()
+    assert old not in log and new not in log
+    after = log[reloaded:]
+    assert "(535 5.7.8 key ******** refused)" in after
+    assert "out of sequence for ******** and ********" in after
+    assert "DEBUG relay.upstream: connected to" in after  # the upstream process, at debug now
+    assert relay.terminate() == 0
+
+
 def test_a_session_closed_for_idleness_is_opened_again(fake_upstream: FakeUpstream,
                                                        start_relay: StartRelay) -> None:
     """After upstream.idle_timeout the session is closed (QUIT); the next message opens a new
