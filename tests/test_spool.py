@@ -656,6 +656,48 @@ def test_only_a_delivered_message_with_body_files_has_files_to_remove(
         db.close()
 
 
+def test_closing_lets_a_large_put_in_flight_commit(spool_dir: Path) -> None:
+    """A body file still being written when the spool closes (a graceful stop) gets its row
+    committed: the session in that put hears 250-worthy success, and nothing is orphaned."""
+    async def scenario() -> None:
+        spool = Spool(spool_dir)
+        spool.start()
+        put = asyncio.ensure_future(spool.put(envelope("BIG", LARGE), 1))
+        await asyncio.sleep(0)  # a body writer has it
+        await spool.close()
+        await put
+
+    asyncio.run(scenario())
+    db = SpoolDB(spool_dir)
+    try:
+        stored = db.get("BIG")
+        assert stored is not None and stored.state == "queued"
+        assert db.data("BIG") == LARGE
+    finally:
+        db.close()
+
+
+def test_a_body_file_that_cannot_be_written_fails_the_put_and_leaves_no_row(
+        spool_dir: Path) -> None:
+    """The body writer's failure reaches the waiting session as a SpoolError (a 452), and no
+    insert follows it."""
+    async def scenario() -> str:
+        spool = Spool(spool_dir)
+        spool.start()
+        try:
+            (spool_dir / "bodies").mkdir(exist_ok=True)
+            (spool_dir / "bodies" / "BIG").mkdir()  # the body file cannot be created
+            with pytest.raises(SpoolError) as raised:
+                await asyncio.wait_for(spool.put(envelope("BIG", LARGE), 1), 10)
+            assert await spool.get("BIG") is None
+            await asyncio.wait_for(spool.put(envelope("NEXT"), 1), 10)  # the spool goes on
+            return str(raised.value)
+        finally:
+            await spool.close()
+
+    assert "spool error" in asyncio.run(scenario())
+
+
 def test_a_body_file_that_cannot_be_removed_does_not_stop_the_writer(
         spool_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A delivered message's file is removed after the commit; an error there (EISDIR here,
