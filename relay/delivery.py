@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from relay.config import Config, UpstreamConfig
 from relay.envelope import DEFAULT_UPSTREAM
 from relay.metrics import Metrics
-from relay.outgoing import MessageData, MessageFile, message_size
+from relay.outgoing import FreshData, MessageData, MessageFile, SpooledBody, message_size
 from relay.pacing import Pacer
 from relay.spool import (
     EXPIRED_PREFIX,
@@ -74,7 +74,14 @@ class _Job:
     seq: int
     id: str = field(compare=False)
     message: QueuedMessage | None = field(compare=False, default=None)
-    data: bytes | None = field(compare=False, default=None)
+    data: FreshData | None = field(compare=False, default=None)
+
+    @property
+    def memory(self) -> int:
+        """The bytes this job holds in memory (a body file's head only)."""
+        if self.data is None:
+            return 0
+        return len(self.data.head if isinstance(self.data, SpooledBody) else self.data)
 
 
 class UpstreamHealth:
@@ -293,13 +300,13 @@ class Delivery:
     def release(self, message_id: str) -> None:
         self._known.discard(message_id)
 
-    def submit(self, message: QueuedMessage, data: bytes | None) -> None:
+    def submit(self, message: QueuedMessage, data: FreshData | None) -> None:
         """Queue a freshly spooled message for immediate delivery (None: read it back later)."""
-        keep = data is not None and self._memory + len(data) <= _MEMORY_BUDGET
-        if keep and data is not None:
-            self._memory += len(data)
-        self._ready.put_nowait(_Job(message.priority, message.created, next(self._seq),
-                                    message.id, message, data if keep else None))
+        job = _Job(message.priority, message.created, next(self._seq), message.id, message, data)
+        if self._memory + job.memory > _MEMORY_BUDGET:
+            job.data = None
+        self._memory += job.memory
+        self._ready.put_nowait(job)
 
     @property
     def upstream_smtputf8(self) -> bool | None:
@@ -375,8 +382,7 @@ class Delivery:
                 await asyncio.wait_for(self._resume.wait(), remaining)
 
     def _release(self, job: _Job, recorded: asyncio.Future[bool] | None = None) -> None:
-        if job.data is not None:
-            self._memory -= len(job.data)
+        self._memory -= job.memory
         if job.id not in self._unrecorded:
             self._known.discard(job.id)
 
@@ -415,7 +421,7 @@ class Delivery:
         message = job.message or await self.spool.get(job.id)
         if message is None or message.state not in ("queued", "deferred") or not message.pending:
             return None
-        data = job.data if job.data is not None else await self.spool.source(job.id)
+        data = await self._message_data(job)
         if data is None:
             return None
         try:
@@ -423,6 +429,17 @@ class Delivery:
         finally:
             if isinstance(data, MessageFile):
                 data.close()
+
+    async def _message_data(self, job: _Job) -> MessageData | None:
+        """The bytes or the opened body file to send: a fresh message's own (no spool read on
+        the way to its first attempt), else what the spool holds."""
+        if isinstance(job.data, bytes):
+            return job.data
+        if isinstance(job.data, SpooledBody):
+            opened = job.data.open()
+            if opened is not None:
+                return opened
+        return await self.spool.source(job.id)
 
     async def _send(self, connection: Upstream, message: QueuedMessage, data: MessageData,
                     ticket: int) -> asyncio.Future[bool] | None:

@@ -36,6 +36,7 @@ from relay.errors import SpoolError
 from relay.infobip.headers import report_defaults
 from relay.message import Arrival, MessageRefused, PreparedMessage, prepare_head
 from relay.metrics import Metrics
+from relay.outgoing import FreshData, SpooledBody
 from relay.passwords import verify_password
 from relay.rules import apply_rules
 from relay.spool import FILE_BODY_THRESHOLD, QueuedMessage, Recipient, Spool
@@ -75,7 +76,7 @@ class MessageSink(Protocol):
 
     def reserve(self, message_id: str) -> None: ...
     def release(self, message_id: str) -> None: ...
-    def submit(self, message: QueuedMessage, data: bytes | None) -> None: ...
+    def submit(self, message: QueuedMessage, data: FreshData | None) -> None: ...
     @property
     def upstream_smtputf8(self) -> bool | None:
         """Whether the upstream advertised SMTPUTF8 (None until it was reached)."""
@@ -853,9 +854,9 @@ class RelayHandler:
             sink.release(queue_id)
             raise
         metrics.accepted.labels(listener=self.listener.name).inc()
-        # A body on disk is read back by the delivery: it is never held whole in memory.
-        sink.submit(_queued(message, priority, size),
-                    data if received.body_file is None else None)
+        # A body on disk goes by its file: it is never held whole in memory.
+        sink.submit(_queued(message, priority, size), data if received.body_file is None else
+                    SpooledBody(data, self.state.spool.body_path(queue_id), size))
         if log.isEnabledFor(logging.INFO):  # spares building the fields on the hot path
             log.info("%s queued from %s: <%s> to %d recipient(s), %d bytes", queue_id,
                      ctx.client_ip, ctx.mail_from, len(ctx.rcpt_tos), size,

@@ -10,6 +10,8 @@ import asyncio
 import errno
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 CHUNK = 256 * 1024
@@ -75,6 +77,29 @@ def _read_cached(descriptor: int, offset: int) -> bytearray | None:
 
 
 MessageData = bytes | MessageFile
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledBody:
+    """A message the listener has just spooled with its body in a file: the header block and
+    the file, so that its first delivery opens the file without reading the spool's row."""
+
+    head: bytes
+    path: Path
+    size: int  # the head and the file together
+
+    def open(self) -> MessageFile | None:
+        """The message to send; None when the file is gone (the message was deleted)."""
+        try:
+            file = self.path.open("rb")
+        except FileNotFoundError:
+            return None
+        return MessageFile(file, self.size, self.head, path=str(self.path))
+
+
+# What the listener hands to the delivery with a fresh message: its bytes (kept in memory
+# within a budget), its body file, or None (read it from the spool when its turn comes).
+FreshData = bytes | SpooledBody
 
 
 def message_size(data: MessageData) -> int:

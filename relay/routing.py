@@ -18,6 +18,7 @@ from relay.config import Config, UpstreamConfig
 from relay.delivery import Delivery
 from relay.envelope import DEFAULT_UPSTREAM
 from relay.metrics import Metrics
+from relay.outgoing import FreshData
 from relay.spool import QueuedMessage, Spool
 from relay.upstream import UpstreamFactory
 
@@ -108,7 +109,7 @@ class Deliveries:
     def release(self, message_id: str) -> None:
         self._known.discard(message_id)
 
-    def submit(self, message: QueuedMessage, data: bytes | None) -> None:
+    def submit(self, message: QueuedMessage, data: FreshData | None) -> None:
         delivery = self._by_name.get(message.route)
         if delivery is None:
             # Only a message spooled while a reload removed its upstream gets here.

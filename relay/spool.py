@@ -1211,6 +1211,10 @@ class Spool:
         spool._lock = lock
         return spool
 
+    def body_path(self, message_id: str) -> Path:
+        """Where a message's body file is once it is spooled (if it has one)."""
+        return self.db.bodies / message_id
+
     def free_space(self) -> int:
         """Bytes available to the relay on the spool's file system."""
         stats = os.statvfs(self.db.directory)

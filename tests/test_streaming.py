@@ -23,7 +23,7 @@ from relay.message import (
     prepare,
     prepare_head,
 )
-from relay.outgoing import CHUNK, DotStuffer, MessageFile
+from relay.outgoing import CHUNK, DotStuffer, MessageFile, SpooledBody
 from relay.spool import BODIES_DIR, Spool, SpoolDB, absorb_spool
 from relay.streaming import (
     BodyFixer,
@@ -305,3 +305,25 @@ def test_absorbing_a_worker_spool_removes_its_partial_bodies(tmp_path: Path) -> 
     assert absorb_spool(target, tmp_path / "worker-1") == 0
     target.close()
     assert list(bodies.iterdir()) == []
+
+
+def test_a_spooled_body_opens_as_the_message_or_not_at_all(tmp_path: Path) -> None:
+    """What the listener hands the delivery for a streamed message: opened, the head then the
+    file; once the file is gone (the message deleted meanwhile), None, and the delivery asks
+    the spool instead."""
+    path = tmp_path / "BODY"
+    path.write_bytes(b"body\r\n")
+    spooled = SpooledBody(b"Subject: s\r\n\r\n", path, 20)
+
+    async def read(message: MessageFile) -> bytes:
+        return b"".join([bytes(chunk) async for chunk in message.chunks()])
+
+    opened = spooled.open()
+    assert opened is not None
+    try:
+        assert (opened.size, opened.path) == (20, str(path))
+        assert asyncio.run(read(opened)) == b"Subject: s\r\n\r\nbody\r\n"
+    finally:
+        opened.close()
+    path.unlink()
+    assert spooled.open() is None

@@ -112,3 +112,27 @@ def test_the_listener_never_accepts_more_than_the_upstream_advertised(fake_upstr
         assert client.noop()[0] == 250
     assert len(spool_messages(relay)) == 1
     assert body_files(relay) == []
+
+
+def test_a_fresh_streamed_message_goes_out_without_reading_its_row_back(fake_upstream,
+                                                                       start_relay):
+    """The first delivery opens the body file the listener wrote: no read of the spool's row
+    (a round trip through the writer thread, each one on an upstream connection's critical
+    path) comes between the 250 and the send."""
+    relay = start_relay(fake_upstream)
+    spool = relay.server.spool
+    assert spool is not None
+    statements: list[str] = []
+    spool.db.conn.set_trace_callback(statements.append)
+    try:
+        body = big_body(1024 * 1024)
+        with smtplib.SMTP(*relay.address, timeout=30) as client:
+            assert client.sendmail("app@example.com", ["user@example.net"], HEAD + body) == {}
+        [received] = fake_upstream.wait_for(1, timeout=30)
+        wait_until(lambda: [m.state for m in spool_messages(relay)] == ["delivered"],
+                   what="the outcome recorded")
+    finally:
+        spool.db.conn.set_trace_callback(None)
+    assert received.data.split(b"\r\n\r\n", 1)[1] == fix_lines(body, last=True)
+    assert not [sql for sql in statements if sql.startswith("SELECT data, body_file")]
+    assert any(sql.startswith("INSERT") for sql in statements)  # the trace saw the writer
