@@ -24,6 +24,8 @@ RelayHandler.handle_DATA
 RelayHandler.handle_exception
 # logging.LogRecord fields the filters rewrite.
 _.msg
+# logging.Handler's own filter list, swapped whole at a reload (relay.logs._dress).
+_.filters
 # Read by the tests (the bound metrics and webhook ports, and records' fields).
 Server.metrics_port
 Server.webhook_port
