@@ -1213,7 +1213,7 @@ class Spool:
 
     def body_path(self, message_id: str) -> Path:
         """Where a message's body file is once it is spooled (if it has one)."""
-        return self.db.bodies / message_id
+        return self.db._body_path(message_id)
 
     def free_space(self) -> int:
         """Bytes available to the relay on the spool's file system."""
