@@ -45,7 +45,7 @@ from relay.errors import SpoolError
 from relay.headers import header_end
 from relay.infobip.priority import DEFAULT_PRIORITY, PRIORITY_NAMES
 from relay.infobip.reports import LATE_BOUNCE, Incoming, Report, Tracking
-from relay.outgoing import MessageData, MessageFile
+from relay.outgoing import MessageData, SpooledBody
 
 log = logging.getLogger("relay.spool")
 
@@ -922,10 +922,10 @@ class SpoolDB:
             return stored
         head, path = stored
         try:
-            file = path.open("rb")
+            size = len(head) + path.stat().st_size
         except FileNotFoundError:
             return None
-        return MessageFile(file, len(head) + os.fstat(file.fileno()).st_size, head, path=str(path))
+        return SpooledBody(head, path, size).open()
 
     def due(self, now: float, limit: int, route: str | None = None
             ) -> list[tuple[str, int, float]]:
