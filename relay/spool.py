@@ -413,6 +413,12 @@ class SpoolDB:
             # FULL: the WAL is fsynced at every commit, so a 250 survives power loss.
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA busy_timeout=30000")
+            # Debian's SQLite is built with SECURE_DELETE: every deleted row's pages were
+            # zeroed and written again, so a delivered 150 KiB body cost 460 KiB of writes
+            # instead of 260 (and a third more CPU in the writer thread). FAST still zeroes
+            # what shares a page with live rows; freed pages keep old bytes until reused,
+            # like an unlinked body file or a Postfix queue file, in the same 0700 spool.
+            self.conn.execute("PRAGMA secure_delete=FAST")
             self.conn.executescript(_SCHEMA)
             self._add_missing_columns()
             self.conn.executescript(_REPORTS_SCHEMA)
