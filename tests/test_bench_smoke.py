@@ -9,6 +9,7 @@ Full-size runs are not done here (see bench/README.md)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -22,13 +23,22 @@ from typing import Any
 import aiosmtplib
 import pytest
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench import burst
 from bench.load import latency_stats, percentile, probe_match, probe_message
 from bench.procs import _port_range, free_port
 from bench.report import describe_case, draw_chart, format_table, summarize
 from bench.runner import MIB, Case, Options, Part, mix_case, run_benchmark, split
-from bench.sink import CaseCount, SinkCluster, count_case, smtp_source_match
+from bench.sink import (
+    CaseCount,
+    SinkCluster,
+    SinkStats,
+    SMTPSinkProtocol,
+    count_case,
+    smtp_source_match,
+)
 
 API_KEY = "smoke-key"
 
@@ -89,6 +99,56 @@ async def _send(port: int, ca_file: Path, messages: list[EmailMessage],
                                       recipients=["1rcpt@example.net"])
     finally:
         await client.quit()
+
+
+class _Written:
+    def __init__(self) -> None:
+        self.replies = b""
+
+    def write(self, data: bytes) -> None:
+        self.replies += data
+
+    def close(self) -> None:
+        pass
+
+
+_LINES = st.lists(st.sampled_from([b"", b".", b"..", b"a.b", b".\r", b"x" * 90]), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(bodies=st.lists(st.one_of(st.none(), _LINES), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=400))
+def test_the_sink_finds_every_message_in_any_split_of_a_session(
+        bodies: list[list[bytes] | None], cuts: list[int]) -> None:
+    """The sink streams content (it keeps only the header block and the last octets), so the
+    end of data and the header must be found wherever the reads happen to split the input."""
+    stream, sizes = b"EHLO x\r\n", []
+    for number, lines in enumerate(bodies):
+        content = b""
+        if lines is not None:  # None: an empty message, "." at once
+            head = b"Message-Id: <m%d@x>\r\nX-IB-Client-Priority: LOW\r\n\r\n" % number
+            content = head + b"".join(
+                (b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+        stream += b"MAIL FROM:<a@b>\r\nRCPT TO:<r%d@x>\r\nDATA\r\n%s.\r\n" % (number, content)
+        sizes.append(len(content))
+    stream += b"QUIT\r\n"
+    stats = SinkStats()
+    sink = SMTPSinkProtocol(stats, tls=False, require_auth=False, password="")
+    written = _Written()
+    sink.connection_made(written)  # type: ignore[arg-type]
+    position = 0
+    for cut in itertools.cycle(cuts):
+        if position >= len(stream):
+            break
+        sink.data_received(stream[position:position + cut])
+        position += cut
+    assert (stats.received, stats.byte_count) == (len(bodies), sum(sizes))
+    assert stats.missing_header == bodies.count(None)
+    assert sorted(stats.seen) == sorted(
+        f"{'' if lines is None else f'<m{number}@x>'}|r{number}@x"
+        for number, lines in enumerate(bodies))
+    assert written.replies.count(b"250 2.0.0 Message queued") == len(bodies)
+    assert written.replies.endswith(b"221 2.0.0 Bye\r\n")
 
 
 def test_sink_counts_tls_auth_plain_headers_and_duplicates(
