@@ -29,6 +29,7 @@ from relay.streaming import (
     BodyFixer,
     DataDecoder,
     HeaderSplitter,
+    _find_line_dot,
     _nothing_to_fix_vector,
 )
 
@@ -196,6 +197,27 @@ def test_large_pieces_fixed_as_the_whole_message_path(line: bytes, flaw: bytes) 
     pieces = [body[start:start + 65_536] for start in range(0, len(body), 65_536)]
     out = b"".join(fixer.feed(piece) for piece in pieces) + fixer.finish()
     assert out == fix_lines(body, last=True)
+
+
+_DOTTY = st.lists(st.sampled_from([b".", b"..", b"a.", b"\r", b"\n", b"\r\n", b"\r\n.", b"x"]),
+                 max_size=120).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_DOTTY)
+def test_the_dot_scan_finds_what_a_search_finds(data: bytes) -> None:
+    """Dots checked one by one, then a search: the same answer as the search alone, with
+    fewer or more dots than are checked one by one before a line-starting one."""
+    assert _find_line_dot(data) == data.find(b"\r\n.")
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (b"", -1), (b".", -1), (b"\r\n.", 0), (b"\n.\r\n.", 2), (b"a.b\r\n.", 3),
+    (b"a." * 31 + b"\r\n.", 62), (b"a." * 32 + b"\r\n.", 64), (b"a." * 33 + b"\r\n.", 66),
+    (b"a." * 40, -1), (b"X-Id: <1.2.3@x>\r\n\r\n" + b"X" * 5000, -1),
+])
+def test_the_dot_scan_known_cases(data: bytes, expected: int) -> None:
+    assert _find_line_dot(data) == expected
 
 
 def test_known_cases() -> None:
