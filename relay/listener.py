@@ -195,12 +195,18 @@ class _BodyWriter:
             return
         self.ascii = self.ascii and data.isascii()
         if self._fd is None:
-            self.memory += data
-            if len(self.memory) <= FILE_BODY_THRESHOLD:
+            if len(self.memory) + len(data) <= FILE_BODY_THRESHOLD:
+                self.memory += data
                 return
             self.path.parent.mkdir(mode=0o700, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            data, self.memory = bytes(self.memory), bytearray()
+            # Both go to the file as they are: joining them first copied up to 256 KiB twice.
+            held, self.memory = self.memory, bytearray()
+            self._append(held)
+        self._append(data)
+
+    def _append(self, data: Octets) -> None:
+        assert self._fd is not None
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
