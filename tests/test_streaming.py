@@ -23,13 +23,12 @@ from relay.message import (
     prepare,
     prepare_head,
 )
-from relay.outgoing import CHUNK, DotStuffer, MessageFile, SpooledBody
+from relay.outgoing import CHUNK, DotStuffer, MessageFile, SpooledBody, find_line_dot
 from relay.spool import BODIES_DIR, Spool, SpoolDB, absorb_spool
 from relay.streaming import (
     BodyFixer,
     DataDecoder,
     HeaderSplitter,
-    _find_line_dot,
     _nothing_to_fix_vector,
 )
 
@@ -208,7 +207,7 @@ _DOTTY = st.lists(st.sampled_from([b".", b"..", b"a.", b"\r", b"\n", b"\r\n", b"
 def test_the_dot_scan_finds_what_a_search_finds(data: bytes) -> None:
     """Dots checked one by one, then a search: the same answer as the search alone, with
     fewer or more dots than are checked one by one before a line-starting one."""
-    assert _find_line_dot(data) == data.find(b"\r\n.")
+    assert find_line_dot(data) == data.find(b"\r\n.")
 
 
 @pytest.mark.parametrize(("data", "expected"), [
@@ -217,7 +216,7 @@ def test_the_dot_scan_finds_what_a_search_finds(data: bytes) -> None:
     (b"a." * 40, -1), (b"X-Id: <1.2.3@x>\r\n\r\n" + b"X" * 5000, -1),
 ])
 def test_the_dot_scan_known_cases(data: bytes, expected: int) -> None:
-    assert _find_line_dot(data) == expected
+    assert find_line_dot(data) == expected
 
 
 def test_known_cases() -> None:
