@@ -746,11 +746,12 @@ class RelayHandler:
         """
         declared = next((int(option[5:]) for option in mail_options
                          if option[:5].upper() == "SIZE=" and option[5:].isdigit()), 0)
+        needed = self.state.config.queue.min_free_space + declared
         try:
-            free = self.state.spool.free_space()
+            free = self.state.spool.free_space(needed)
         except OSError:
             return None  # cannot tell; a failing write still answers 452
-        if free >= self.state.config.queue.min_free_space + declared:
+        if free >= needed:
             return None
         now = time.monotonic()
         if now - self.state.storage_warned > 60:
