@@ -458,7 +458,7 @@ class Runner:
         cpu0, sink_cpu0 = tree_cpu_seconds(pids()), tree_cpu_seconds(sink.pids)
         limit = case.time_limit()
         sessions = opts.sessions_for(case)
-        with MemorySampler(pids) as sampler:
+        with MemorySampler(pids, pss_every=5) as sampler:
             sources, probe = asyncio.run(self._load(port, case, sessions, tag, limit))
             target = base["unique"] + case.messages + probe.sent
             stats = sink.wait_unique(target, timeout=limit, stalled=60.0)
