@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -222,12 +223,14 @@ class HeaderBlock:
         lname = name.lower()
         return any(field is not None and field.lname == lname for field in self._fields)
 
-    def fields(self) -> list[HeaderField]:
-        """Every live header field (non-header lines excluded) with its position."""
+    def fields(self, named: Callable[[str], bool] | None = None) -> list[HeaderField]:
+        """Every live header field (non-header lines excluded) with its position; with
+        ``named``, only those whose name it accepts (the others' values are not unfolded)."""
         return [
             HeaderField(index, field.name, unfold_value(field.raw))
             for index, field in enumerate(self._fields)
             if field is not None and field.lname is not None
+            and (named is None or named(field.name))
         ]
 
     def set(self, name: str, value: str) -> None:

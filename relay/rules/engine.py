@@ -215,9 +215,7 @@ def _apply_client_policy(block: HeaderBlock, policy: str, edits: _Edits) -> None
 
 def _fix_client_headers(block: HeaderBlock, edits: _Edits) -> None:
     seen: set[str] = set()
-    for header in block.fields():
-        if not is_schema_header(header.name):
-            continue
+    for header in block.fields(is_schema_header):
         try:
             name = canonical_header_name(header.name)
         except ValueError as error:
