@@ -15,6 +15,8 @@ import os
 import shutil
 import socket
 import ssl
+import subprocess
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -28,7 +30,7 @@ from hypothesis import strategies as st
 
 from bench import burst
 from bench.load import latency_stats, percentile, probe_match, probe_message
-from bench.procs import _port_range, free_port
+from bench.procs import MemorySampler, _port_range, free_port, process_tree
 from bench.report import describe_case, draw_chart, format_table, summarize
 from bench.runner import MIB, Case, Options, Part, mix_case, run_benchmark, split
 from bench.sink import (
@@ -228,6 +230,24 @@ def test_sink_plain_listener_is_pipelining_tolerant(sink: SinkCluster) -> None:
     counted = count_case(seen, expected=2, match=probe_match("pipe"), require_header=False)
     assert counted.ok, counted.as_dict()
     assert count_case(seen, expected=2, match=probe_match("pipe")).missing_header == 2
+
+
+def test_the_process_tree_follows_children_that_come_and_go() -> None:
+    """The sampler reads /proc/N/stat only for pids it has not seen: a child started after
+    the first sample must still be found, and one that exited must be gone."""
+    me = os.getpid()
+    before = process_tree([me])
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert child.pid in process_tree([me])
+        with MemorySampler(lambda: [me], interval=0.01, pss_every=5) as sampler:
+            time.sleep(0.1)
+        assert sampler.peak_processes >= len(before) + 1
+        assert sampler.peak_pss_kib > 0  # read on the first sample and every fifth
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in process_tree([me])
 
 
 def test_helpers() -> None:
