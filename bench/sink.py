@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from relay.memory import keep_heap_between_messages
+from relay.outgoing import find_line_dot
 
 _uvloop: Any = None
 try:
@@ -226,10 +227,10 @@ class SMTPSinkProtocol(asyncio.Protocol):
         if idx >= 0:
             end = idx - len(self.tail)
         else:
-            # The terminator holds a dot; a chunk without one (most of a large body) is passed
-            # by memchr, about 50 times faster than searching for the terminator itself.
-            dot = data.find(b".")
-            end = data.find(_END_OF_DATA, max(dot - 2, 0)) if dot >= 0 else -1
+            # The terminator starts a line with a dot: the relay's own memchr scan for those
+            # passes a chunk without one, and the header's dots, without a byte-wise search.
+            line_dot = find_line_dot(data)
+            end = data.find(_END_OF_DATA, line_dot) if line_dot >= 0 else -1
         if end == -1 and idx < 0:
             self.keep_head(data)
             self.size += len(data)
