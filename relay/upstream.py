@@ -104,7 +104,10 @@ class Upstream(Protocol):
                    mail_options: tuple[str, ...] = ()) -> SendResult:
         """Forward one message; per-recipient results, or an `UpstreamError` about the session:
         UpstreamUnavailable (retry later), UpstreamAuthError (credentials refused),
-        UpstreamOutcomeUnknown (the final dot went out and no reply came back)."""
+        UpstreamOutcomeUnknown (the final dot went out and no reply came back).
+
+        Calls that overlap take turns, in the order they were made; so do `probe` and `close`
+        (a reload closes the connections it replaces while they may be sending)."""
         ...
 
     async def probe(self) -> None:
@@ -193,6 +196,9 @@ class UpstreamConnection:
         self._smtputf8: bool | None = None
         self._max_size: int | None = None
         self._last_used = 0.0
+        # One operation at a time. A reload closes replaced connections whatever they are
+        # doing: a QUIT written while a 354 was on its way became the message's first line.
+        self._turn = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -213,6 +219,11 @@ class UpstreamConnection:
 
         UpstreamOutcomeUnknown: the final dot went out and no reply came back.
         """
+        async with self._turn:
+            return await self._send(mail_from, recipients, data, mail_options)
+
+    async def _send(self, mail_from: str, recipients: tuple[str, ...], data: MessageData,
+                    mail_options: tuple[str, ...]) -> SendResult:
         utf8 = "SMTPUTF8" in mail_options
         try:
             sender = encode_address(mail_from, utf8=utf8)
@@ -276,7 +287,7 @@ class UpstreamConnection:
             self._drop()
             raise _OutOfStep(_reply(exc.code, exc.message)) from exc
         if exc.code == 421:
-            await self.close()
+            await self._close()  # within the send's turn
         return _whole_message(recipients, exc.code, exc.message)
 
     def _drop(self) -> None:
@@ -287,9 +298,14 @@ class UpstreamConnection:
 
     async def probe(self) -> None:
         """Connect and authenticate (readiness, start-up check); raises like `send`."""
-        await self._ready_connection()
+        async with self._turn:
+            await self._ready_connection()
 
     async def close(self) -> None:
+        async with self._turn:
+            await self._close()
+
+    async def _close(self) -> None:
         smtp, self._smtp = self._smtp, None
         if smtp is None:
             return

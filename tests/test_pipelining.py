@@ -133,6 +133,64 @@ def test_the_strict_fake_catches_a_client_that_pipelines_unasked(
     assert fake.sync_errors == 1 and fake.messages == []
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_sends_made_before_the_last_returned_go_one_after_the_other(
+        fake_upstream: FakeUpstream, loop: str) -> None:
+    """Overlapping calls take turns in call order, never two transactions at once (the
+    strict fake would answer 503 or count a synchronization error), and a close() asked for
+    meanwhile waits its turn."""
+    fake_upstream.delay_next("data", 0.3)  # the first final reply is slow
+
+    async def scenario(upstream: UpstreamConnection) -> list[SendResult]:
+        async with asyncio.timeout(10):  # interleaved transactions may hang instead
+            first = asyncio.create_task(send(upstream, "a@example.net"))
+            await asyncio.sleep(0)  # the first has the session
+            second = asyncio.create_task(send(upstream, "b@example.net"))
+            closing = asyncio.create_task(upstream.close())
+            third = asyncio.create_task(send(upstream, "c@example.net"))
+            results = [await first, await second]
+            await closing
+            return [*results, await third]
+
+    results = run(fake_upstream, scenario, loop=loop)
+    assert [r.accepted for r in results] == [("a@example.net",), ("b@example.net",),
+                                             ("c@example.net",)]
+    received = fake_upstream.wait_for(3)
+    assert [m.rcpt_tos for m in received] == [["a@example.net"], ["b@example.net"],
+                                              ["c@example.net"]]
+    # The first two shared a session; the close() came after them, so the third needed a
+    # new one.
+    assert received[0].session_id == received[1].session_id != received[2].session_id
+    assert fake_upstream.sync_errors == 0 and fake_upstream.connections == 2
+
+
+@pytest.mark.parametrize("stage", ["data_start", "data"])
+def test_a_close_during_a_send_waits_for_it(fake_upstream: FakeUpstream, stage: str) -> None:
+    """A reload closes the connections it replaces, whatever they are doing: QUIT must not
+    go out in the middle of a transaction. Written while the upstream's 354 is on its way, it
+    would become the first line of the message."""
+    fake_upstream.delay_next(stage, 0.3)
+
+    async def scenario(upstream: UpstreamConnection) -> SendResult:
+        async with asyncio.timeout(10):
+            sending = asyncio.create_task(send(upstream))
+            await asyncio.sleep(0.1)  # MAIL, RCPT and DATA are out; a reply is held back
+            await upstream.close()
+            assert sending.done()
+            return await sending
+
+    result = run(fake_upstream, scenario)
+    assert result.accepted == ("user@example.net",) and result.upstream_id
+    [received] = fake_upstream.wait_for(1)
+    assert received.data == MESSAGE
+    assert fake_upstream.sync_errors == 0 and not upstream_still_open(fake_upstream)
+
+
+def upstream_still_open(fake: FakeUpstream) -> bool:
+    time.sleep(0.2)
+    return fake.open_connections > 0
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("stage", "code", "kind", "text"), [

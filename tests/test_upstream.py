@@ -226,6 +226,32 @@ def test_a_421_mid_session_closes_it_and_the_retry_reconnects(
     assert fake_upstream.wait_for(2)[1].session_id == received.session_id
 
 
+@pytest.mark.parametrize("process", ["off", "on"])
+@pytest.mark.parametrize("stage", ["data_start", "data"])
+def test_a_reload_mid_send_lets_the_send_finish_before_its_quit(
+        fake_upstream: FakeUpstream, start_relay: StartRelay, process: str, stage: str) -> None:
+    """A reload replaces the connections and closes the old ones: the QUIT waits for the
+    send in flight. Written while the upstream's 354 was on its way, it became the first line
+    of the message (a reload under load corrupted mail)."""
+    relay = start_relay(fake_upstream, upstream_process=process,
+                        upstream={"connections": 1, "data_timeout": "10s"})
+    fake_upstream.delay_next(stage, 1.5)
+    queue_id = send(relay)
+    time.sleep(0.5)  # the transaction is out; the fake holds back the reply to DATA or the dot
+    settings = yaml.safe_load(relay.config_path.read_text(encoding="utf-8"))
+    settings["upstream"]["timeout"] = "29s"  # changed: the connections are replaced
+    relay.config_path.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    assert relay.reload() is True
+    record = final(relay, queue_id)
+    assert (record.state, record.attempts) == ("delivered", 1), record.last_reply
+    [received] = fake_upstream.wait_for(1)
+    assert received.data.startswith(b"Received: ") and b"QUIT" not in received.data
+    later = send(relay)
+    assert final(relay, later).state == "delivered"
+    time.sleep(0.3)
+    assert len(fake_upstream.messages) == 2 and fake_upstream.sync_errors == 0
+
+
 def test_a_connection_lost_after_data_is_an_unknown_outcome(
         fake_upstream: FakeUpstream, start_relay: StartRelay) -> None:
     relay = start_relay(fake_upstream, upstream={"connections": 1},
