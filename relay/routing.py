@@ -52,6 +52,8 @@ class Deliveries:
         # One set for all: the listener claims an id before the route is known to anyone.
         self._known: set[str] = set()
         self._by_name: dict[str, Delivery] = {}
+        # Set by stop(): a reload still running then must not start or replace anything.
+        self._stopping = False
         for upstream in config.all_upstreams:
             self._by_name[upstream.name] = self._new(config, upstream)
 
@@ -78,11 +80,16 @@ class Deliveries:
             await delivery.start()
 
     async def stop(self, grace: float) -> None:
+        self._stopping = True
         await asyncio.gather(*(delivery.stop(grace) for delivery in self))
 
     async def reconfigure(self, config: Config, grace: float) -> None:
         """Adopt a reloaded config (the server checked first that nothing is stranded):
-        upstreams added start, changed ones reconnect, removed ones stop (within ``grace``)."""
+        upstreams added start, changed ones reconnect, removed ones stop (within ``grace``).
+        Nothing once stop() has begun: a delivery started then would outlive the shutdown."""
+        if self._stopping:
+            log.warning("the relay is stopping: the reloaded upstream settings are not applied")
+            return
         old = self.config
         self.config = config
         for upstream in config.all_upstreams:

@@ -1,0 +1,70 @@
+"""A graceful stop against what is still running: sends waiting for a token, sends cut off by
+the grace period, a reload that finishes during the shutdown. Real relay, real sockets."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from fakeupstream import FakeUpstreamFactory
+from relayrunner import ThreadRelay, send, spool_messages, wait_until
+
+from relay.envelope import Envelope, MessageContext
+from relay.spool import SpoolDB
+
+StartRelay = Callable[..., ThreadRelay]
+
+
+def _stop_in_background(relay: ThreadRelay) -> threading.Thread:
+    """relay.stop() without blocking the test: it returns once the shutdown has begun."""
+    stopper = threading.Thread(target=relay.stop, daemon=True)
+    stopper.start()
+    wait_until(lambda: relay.server.state is not None and not relay.server.state.accepting,
+               what="shutdown begun")
+    return stopper
+
+
+# -- a reload during the shutdown changes nothing --------------------------------------------
+
+@pytest.mark.parametrize("process", ["off", "on"])
+def test_a_reload_during_the_shutdown_adds_no_delivery_that_outlives_it(
+        fake_upstream_factory: FakeUpstreamFactory, start_relay: StartRelay, tmp_path: Path,
+        process: str) -> None:
+    """SIGHUP during a graceful stop: Server.shutdown() gathered the deliveries that existed
+    when it called Deliveries.stop(); a reload finishing meanwhile adds and starts another,
+    whose workers then send (after the stop of delivery) and are never stopped."""
+    default, marketing = fake_upstream_factory(), fake_upstream_factory(api_key="mk")
+    # Mail routed to 'marketing', which the running config does not have (yet).
+    db = SpoolDB(tmp_path / "spool")
+    context = MessageContext("Q1MARKETING", "n@news.example.com", ("user@example.net",),
+                             "192.0.2.1", None, "local", 40)
+    body = b"From: n@news.example.com\r\nSubject: routed\r\n\r\nbody\r\n"
+    db.transaction(lambda: db.insert(Envelope(context, body, route="marketing"), 1, time.time()))
+    db.close()
+    relay = start_relay(default, upstream={"connections": 1}, grace_period="5s",
+                        upstream_process=process)
+    default.delay_next("data", 2.0)  # a send in flight keeps Delivery.stop() waiting
+    send(relay)
+    wait_until(lambda: default.transactions, what="the default send under way")
+    marketing.delay_next("data", 5.0)
+    stopper = _stop_in_background(relay)
+    time.sleep(0.3)  # Deliveries.stop() is waiting for the send in flight
+    raw = yaml.safe_load(relay.config_path.read_text(encoding="utf-8"))
+    raw["upstreams"] = {"marketing": {
+        "host": marketing.host, "port": marketing.port, "tls": "starttls", "username": "App",
+        "password": "mk", "ca_file": str(marketing.ca_pem_path), "connections": 1}}
+    relay.config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert relay.reload() is True
+    stopper.join(15)
+    assert not stopper.is_alive()
+    workers = [task for delivery in relay.server.deliveries or ()
+               for task in delivery._workers]
+    running = [task.get_name() for task in workers if not task.done()]
+    sent_after_stop = [m.message_id for m in marketing.messages]
+    [record] = [m for m in spool_messages(relay) if m.id == "Q1MARKETING"]
+    assert not running and not sent_after_stop, (running, sent_after_stop, record.state,
+                                                 record.attempts, record.last_reply)
