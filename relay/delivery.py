@@ -352,6 +352,9 @@ class Delivery:
             job = self._ready.get_nowait()
         self._ready.put_nowait(job)
         ticket = await pacer.acquire()
+        if self._stopping:  # stop() began meanwhile: only sends already in flight finish
+            pacer.refund()
+            return None
         try:
             return self._ready.get_nowait(), ticket
         except asyncio.QueueEmpty:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fakeupstream import FakeUpstreamFactory
+from fakeupstream import FakeUpstream, FakeUpstreamFactory
 from relayrunner import ThreadRelay, send, spool_messages, wait_until
 
 from relay.envelope import Envelope, MessageContext
@@ -26,6 +26,31 @@ def _stop_in_background(relay: ThreadRelay) -> threading.Thread:
     wait_until(lambda: relay.server.state is not None and not relay.server.state.accepting,
                what="shutdown begun")
     return stopper
+
+
+# -- a stop starts no new send ---------------------------------------------------------------
+
+@pytest.mark.parametrize("process", ["off", "on"])
+def test_a_graceful_stop_starts_no_new_send(fake_upstream: FakeUpstream,
+                                            start_relay: StartRelay, process: str) -> None:
+    """stop(): "let sends in flight finish; everything else stays spooled". A worker that was
+    waiting for a pacing token when the stop began takes a job and sends it anyway."""
+    relay = start_relay(fake_upstream, upstream={"connections": 2, "rate": "1/s"},
+                        grace_period="5s", upstream_process=process)
+    fake_upstream.delay_next("data", 2.0)  # the first send is in flight during the stop
+    first = send(relay)
+    wait_until(lambda: fake_upstream.transactions, what="first send under way")
+    second = send(relay)  # the other worker waits ~1 s for the next token
+    time.sleep(0.1)
+    stopper = _stop_in_background(relay)
+    stopper.join(15)
+    assert not stopper.is_alive()
+    sent = {m.message_id for m in fake_upstream.messages}
+    records = {m.id: m for m in spool_messages(relay)}
+    assert records[first].state == "delivered"
+    # The second message was not in flight when the stop began: it must stay spooled.
+    assert len(sent) == 1, f"{len(sent)} messages sent; second is {records[second].state}"
+    assert records[second].state == "queued"
 
 
 # -- a reload during the shutdown changes nothing --------------------------------------------
