@@ -456,6 +456,13 @@ class Delivery:
             return self._on_unknown_outcome(message, str(exc))
         except UpstreamUnavailable as exc:
             return self._on_unavailable(message, str(exc))
+        except asyncio.CancelledError:
+            # stop() gave up on the send after its grace period. The final dot may be out
+            # (this layer cannot tell), so the message must not go again at once after a
+            # restart. Committed before the spool closes: the deliveries stop first.
+            with contextlib.suppress(Exception):  # a closed spool: the cancellation goes on
+                self._on_unknown_outcome(message, "the relay stopped before the reply came")
+            raise
         if not result.local:
             self.health.record_success(connection.smtputf8, connection.max_size)
             self.metrics.observe_send(time.monotonic() - started, result, message_size(data),

@@ -53,6 +53,30 @@ def test_a_graceful_stop_starts_no_new_send(fake_upstream: FakeUpstream,
     assert records[second].state == "queued"
 
 
+# -- a send cut off by the grace period is an unknown outcome ---------------------------------
+
+@pytest.mark.parametrize("process", ["off", "on"])
+def test_a_send_cut_by_the_grace_period_is_not_retried_at_once(
+        fake_upstream: FakeUpstream, start_relay: StartRelay, process: str) -> None:
+    """The final dot went out, the reply is slow, the grace period ends: the upstream may
+    have the message (an unknown outcome), yet the record stays as it was, due at once."""
+    relay = start_relay(fake_upstream, upstream={"connections": 1}, grace_period="1s",
+                        upstream_process=process,
+                        queue={"retry_initial": "0.3s", "retry_max": "1h"})
+    fake_upstream.delay_next("data", 4.0)  # recorded by the fake, reply held back
+    queue_id = send(relay)
+    wait_until(lambda: fake_upstream.messages, what="the message reached the upstream")
+    relay.stop()
+    [record] = [m for m in spool_messages(relay) if m.id == queue_id]
+    state = (record.state, record.attempts, round(record.next_attempt - time.time(), 1))
+    # The upstream has it; a restart must not send it again before retry_max.
+    start_relay(fake_upstream, upstream={"connections": 1}, upstream_process=process,
+                queue={"retry_initial": "0.3s", "retry_max": "1h"})
+    time.sleep(1.5)
+    copies = [m for m in fake_upstream.messages if m.data == fake_upstream.messages[0].data]
+    assert len(copies) == 1, f"{len(copies)} copies upstream; record at stop: {state}"
+
+
 # -- a reload during the shutdown changes nothing --------------------------------------------
 
 @pytest.mark.parametrize("process", ["off", "on"])
