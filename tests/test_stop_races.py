@@ -35,15 +35,16 @@ def test_a_graceful_stop_starts_no_new_send(fake_upstream: FakeUpstream,
                                             start_relay: StartRelay, process: str) -> None:
     """stop(): "let sends in flight finish; everything else stays spooled". A worker that was
     waiting for a pacing token when the stop began takes a job and sends it anyway."""
-    relay = start_relay(fake_upstream, upstream={"connections": 2, "rate": "1/s"},
-                        grace_period="5s", upstream_process=process)
-    fake_upstream.delay_next("data", 2.0)  # the first send is in flight during the stop
+    # The second token comes 4 s after the first, while the first send is still in flight
+    # (7 s) and the stop, begun well before, waits for it: slack for a loaded machine.
+    relay = start_relay(fake_upstream, upstream={"connections": 2, "rate": "15/m"},
+                        grace_period="12s", upstream_process=process)
+    fake_upstream.delay_next("data", 7.0)  # the first send is in flight during the stop
     first = send(relay)
     wait_until(lambda: fake_upstream.transactions, what="first send under way")
-    second = send(relay)  # the other worker waits ~1 s for the next token
-    time.sleep(0.1)
+    second = send(relay)  # the other worker waits for the next token
     stopper = _stop_in_background(relay)
-    stopper.join(15)
+    stopper.join(20)
     assert not stopper.is_alive()
     sent = {m.message_id for m in fake_upstream.messages}
     records = {m.id: m for m in spool_messages(relay)}
