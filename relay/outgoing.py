@@ -80,7 +80,7 @@ MessageData = bytes | MessageFile
 # Dots checked one by one before a search takes over: a header's worth (Message-Id, Date,
 # Received lines with addresses). Each costs about what a search of 400 octets does.
 _DOTS_BEFORE_SEARCH = 32
-_LINE_DOT = b"\r\n."
+LINE_DOT = b"\r\n."  # the start of a line that begins with a dot (stuffed, or the end of data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +126,7 @@ def find_line_dot(data: Chunk) -> int:
         if dot >= 2 and data[dot - 2] == 13 and data[dot - 1] == 10:
             return dot - 2
         dot = data.find(b".", dot + 1)
-    return data.find(_LINE_DOT, max(dot - 2, 0)) if dot >= 0 else -1
+    return data.find(LINE_DOT, max(dot - 2, 0)) if dot >= 0 else -1
 
 
 class DotStuffer:
@@ -152,7 +152,7 @@ class DotStuffer:
             return chunk  # the usual case: no line starts with a dot, nothing is copied
         piece = context + chunk
         # The context octets are never changed by the replacement: it only adds dots after them.
-        return piece.replace(_LINE_DOT, b"\r\n..")[2:]
+        return piece.replace(LINE_DOT, b"\r\n..")[2:]
 
     def finish(self) -> bytes:
         """The end of data: a CRLF when the message lacks a final one, then "." CRLF."""

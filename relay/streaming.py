@@ -13,13 +13,12 @@ import numpy as np
 
 from relay.headers import CRLF, MAX_LINE_LENGTH, header_end
 from relay.message import LF_REACH, crlf_line_endings, has_bare_line_end, lines_fit
-from relay.outgoing import find_line_dot
+from relay.outgoing import LINE_DOT, find_line_dot
 
 # What the wire reader hands over: the reader's own buffer, not a copy of it.
 Octets = bytes | bytearray
 
 _END = b"\r\n.\r\n"
-_LINE_DOT = b"\r\n."
 _CRLF_LINES = (b"", b"")  # CRLF.split(CRLF)
 # Tails of a chunk that may begin "CRLF ." across the boundary, longest first.
 _MAY_BEGIN_DOT_LINE = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
@@ -77,7 +76,7 @@ class DataDecoder:
         self.size += cut - skip
         out = data if cut == len(data) else data[:cut]
         if 0 <= line_dot < cut - 2:
-            out = out.replace(_LINE_DOT, CRLF)
+            out = out.replace(LINE_DOT, CRLF)
         return out[skip:] if skip else out
 
 
