@@ -84,6 +84,20 @@ class _Job:
         return len(self.data.head if isinstance(self.data, SpooledBody) else self.data)
 
 
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """One send and the state it reports into, all of one config generation.
+
+    reconfigure() replaces the connection, the health state and perhaps the pacer at once;
+    a send that began before it reports into the ones it began with, never into the new.
+    """
+
+    connection: Upstream
+    health: UpstreamHealth
+    pacer: Pacer
+    ticket: int
+
+
 class UpstreamHealth:
     """Shared view of the upstream: workers pause while it is down instead of burning attempts."""
 
@@ -330,7 +344,9 @@ class Delivery:
             async with pacer.gate:
                 taken = await self._take(index, pacer)
                 if taken is not None:
-                    await self._work_on(index, *taken)
+                    job, ticket = taken
+                    await self._work_on(job, _Attempt(self._connections[index], self.health,
+                                                      pacer, ticket))
 
     async def _take(self, index: int, pacer: Pacer) -> tuple[_Job, int] | None:
         """The most urgent ready job once the pacer lets a send start, with its pacing ticket.
@@ -361,11 +377,11 @@ class Delivery:
             pacer.refund()
             return None
 
-    async def _work_on(self, index: int, job: _Job, ticket: int) -> None:
+    async def _work_on(self, job: _Job, attempt: _Attempt) -> None:
         self._busy += 1
         recorded: asyncio.Future[bool] | None = None
         try:
-            recorded = await self._deliver(self._connections[index], job, ticket)
+            recorded = await self._deliver(job, attempt)
         except Exception:
             log.exception("unexpected error delivering %s; it stays queued", job.id)
         finally:
@@ -418,8 +434,7 @@ class Delivery:
             log.info("outcome for %s recorded after all", message_id,
                      extra={"queue_id": message_id})
 
-    async def _deliver(self, connection: Upstream, job: _Job, ticket: int
-                       ) -> asyncio.Future[bool] | None:
+    async def _deliver(self, job: _Job, attempt: _Attempt) -> asyncio.Future[bool] | None:
         """Send one message; returns the pending commit of its outcome, if there is one."""
         message = job.message or await self.spool.get(job.id)
         if message is None or message.state not in ("queued", "deferred") or not message.pending:
@@ -428,7 +443,7 @@ class Delivery:
         if data is None:
             return None
         try:
-            return await self._send(connection, message, data, ticket)
+            return await self._send(attempt, message, data)
         finally:
             if isinstance(data, MessageFile):
                 data.close()
@@ -444,17 +459,22 @@ class Delivery:
                 return opened
         return await self.spool.source(job.id)
 
-    async def _send(self, connection: Upstream, message: QueuedMessage, data: MessageData,
-                    ticket: int) -> asyncio.Future[bool] | None:
+    async def _send(self, attempt: _Attempt, message: QueuedMessage, data: MessageData
+                    ) -> asyncio.Future[bool] | None:
         started = time.monotonic()
+        connection = attempt.connection
         try:
             result = await connection.send(message.mail_from, message.pending, data,
                                            message.mail_options)
         except UpstreamAuthError as exc:
+            if attempt.health is not self.health:
+                return self._on_superseded(message, f"authentication failed: {exc}")
             return self._on_auth_failure(message, str(exc))
         except UpstreamOutcomeUnknown as exc:
             return self._on_unknown_outcome(message, str(exc))
         except UpstreamUnavailable as exc:
+            if attempt.health is not self.health:
+                return self._on_superseded(message, str(exc))
             return self._on_unavailable(message, str(exc))
         except asyncio.CancelledError:
             # stop() gave up on the send after its grace period. The final dot may be out
@@ -464,23 +484,24 @@ class Delivery:
                 self._on_unknown_outcome(message, "the relay stopped before the reply came")
             raise
         if not result.local:
-            self.health.record_success(connection.smtputf8, connection.max_size)
+            attempt.health.record_success(connection.smtputf8, connection.max_size)
             self.metrics.observe_send(time.monotonic() - started, result, message_size(data),
                                       self.name)
-            throttling = self._throttling_reply(result)
+            throttling = self._throttling_reply(result, attempt.pacer)
             if throttling is not None:
-                return self._on_throttled(message, result, ticket, throttling)
-            if self.pacer.succeeded():
+                return self._on_throttled(message, result, attempt, throttling)
+            if attempt.pacer.succeeded() and attempt.pacer is self.pacer:
                 self._show_pacing()
         outcome = decide_outcome(message, result, time.time(), self.config)
         return self._record(message, outcome)
 
-    def _throttling_reply(self, result: SendResult) -> str | None:
+    @staticmethod
+    def _throttling_reply(result: SendResult, pacer: Pacer) -> str | None:
         """The reply (whole message or one recipient's) that asks us to slow down, if any."""
         replies = (result.reply, *result.temporary.values())
-        return next((reply for reply in replies if self.pacer.classifier.reply(reply)), None)
+        return next((reply for reply in replies if pacer.classifier.reply(reply)), None)
 
-    def _on_throttled(self, message: QueuedMessage, result: SendResult, ticket: int,
+    def _on_throttled(self, message: QueuedMessage, result: SendResult, attempt: _Attempt,
                       reply: str) -> asyncio.Future[bool]:
         """The upstream asks us to slow down: pace lower, and send this message again soon.
 
@@ -488,13 +509,14 @@ class Delivery:
         does not move the message along its backoff schedule (max_age still applies).
         """
         self.metrics.throttled_replies.labels(upstream=self.name).inc()
-        if self.pacer.throttled(ticket, reply):
+        pacer = attempt.pacer
+        if pacer.throttled(attempt.ticket, reply) and pacer is self.pacer:
             self._show_pacing()
         now = time.time()
         outcome = decide_outcome(message, result, now, self.config)
         if outcome.state == "deferred":
             outcome = replace(outcome, attempts=message.attempts,
-                              next_attempt=now + self.pacer.retry_delay)
+                              next_attempt=now + pacer.retry_delay)
         return self._record(message, outcome)
 
     def _show_pacing(self) -> None:
@@ -527,6 +549,17 @@ class Delivery:
         outcome = decide_outcome(message, result, time.time(), self.config,
                                  min_delay=self.config.queue.retry_max)
         return self._record(message, outcome, resend_safe=False)
+
+    def _on_superseded(self, message: QueuedMessage, error: str) -> asyncio.Future[bool]:
+        """A send under the upstream settings a reload replaced failed before the message was
+        handed over. It says nothing of the new settings: the message is due again at once,
+        at no cost of an attempt, and the new health state is left alone (an old key's 535
+        must not pause the new key for ``auth_retry``)."""
+        log.info("%s: a send begun before the reload failed (%s); sending it again with the "
+                 "new upstream settings", message.id, error, extra={"queue_id": message.id})
+        outcome = Outcome(message.recipients, "deferred", time.time(), message.attempts,
+                          f"451 4.4.1 before the reload of the upstream settings: {error}")
+        return self._record(message, outcome, log_it=False)
 
     def _on_unavailable(self, message: QueuedMessage, error: str) -> asyncio.Future[bool]:
         delay = self.health.record_failure(error)
@@ -619,21 +652,22 @@ class Delivery:
         if not waiting and self.health.last_success and \
                 time.time() - self.health.last_success < _PROBE_INTERVAL:
             return
-        connection = self.upstream_factory()
+        # A reload during the probe replaces both: the answer is about the settings it used.
+        connection, health = self.upstream_factory(), self.health
         try:
             await connection.probe()
         except UpstreamAuthError as exc:
-            if not self.health.auth_failed:
+            if not health.auth_failed and health is self.health:
                 log.error("upstream %s: authentication failed: %s", self.name, exc)
-            self.health.record_auth_failure(str(exc), self.config.queue.auth_retry)
+            health.record_auth_failure(str(exc), self.config.queue.auth_retry)
         except UpstreamUnavailable as exc:
-            if self.health.failures == 0:
+            if health.failures == 0 and health is self.health:
                 log.warning("upstream %s unavailable: %s", self.name, exc)
-            self.health.record_failure(str(exc))
+            health.record_failure(str(exc))
         else:
-            if self.health.paused:
+            if health.paused and health is self.health:
                 log.info("upstream %s is reachable again; resuming delivery", self.name)
-            self.health.record_success(connection.smtputf8, connection.max_size)
+            health.record_success(connection.smtputf8, connection.max_size)
             self._resume.set()
         finally:
             await connection.close()

@@ -69,7 +69,7 @@ __all__ = [
 TlsMode = Literal["starttls", "implicit", "none"]
 FailStage = Literal["connect", "auth", "mail", "rcpt", "data_start", "data"]
 DropStage = Literal["connect", "mail", "rcpt", "data"]
-DelayStage = Literal["mail", "rcpt", "data_start", "data"]
+DelayStage = Literal["auth", "mail", "rcpt", "data_start", "data"]
 
 INFOBIP_HOSTNAME: Final = "smtp.email-messaging.com"
 INFOBIP_SIZE_LIMIT: Final = 20_971_520
@@ -397,6 +397,7 @@ class _Handler:
     async def handle_AUTH(
         self, server: _FakeSMTP, session: Session, envelope: Envelope, args: list[str]
     ) -> Any:
+        await self.fake._delay("auth")
         reply = self.fake._take_failure("auth")
         if reply is None:
             return MISSING  # let the built-in PLAIN/LOGIN run the authenticator
@@ -803,9 +804,10 @@ class FakeUpstream:
     def delay_next(self, stage: DelayStage, seconds: float, times: int = 1) -> None:
         """Hold the reply to the next ``times`` ``stage`` commands for ``seconds``.
 
-        ``data_start`` delays the reply to the DATA command, ``data`` the reply to the final dot;
-        the message is recorded in ``messages`` before that wait, as a slow real server has it
-        whether or not the client waits.
+        ``auth`` delays the reply to AUTH (whether it then succeeds or not), ``data_start`` the
+        reply to the DATA command, ``data`` the reply to the final dot; the message is recorded
+        in ``messages`` before that wait, as a slow real server has it whether or not the client
+        waits.
         """
         if stage not in _DELAY_STAGES:
             raise ValueError(f"stage must be one of {sorted(_DELAY_STAGES)}, not {stage!r}")

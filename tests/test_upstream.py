@@ -252,6 +252,55 @@ def test_a_reload_mid_send_lets_the_send_finish_before_its_quit(
     assert len(fake_upstream.messages) == 2 and fake_upstream.sync_errors == 0
 
 
+@pytest.mark.parametrize("process", ["off", "on"])
+def test_a_send_with_the_old_key_failing_after_a_reload_does_not_pause_the_new_one(
+        fake_upstream: FakeUpstream, start_relay: StartRelay, process: str) -> None:
+    """The key is revoked; the operator sets the new one and reloads while a session with the
+    old key waits for its AUTH reply. That refusal belongs to the old settings: it neither
+    pauses the upstream for ``auth_retry`` nor holds its message back that long."""
+    relay = start_relay(fake_upstream, upstream_process=process,
+                        upstream={"connections": 1}, queue={"auth_retry": "1h"})
+    wait_until(lambda: fake_upstream.auth_successes >= 1, what="the start-up probe")
+    time.sleep(0.2)  # its session closed: the send opens the next one
+    fake_upstream.api_key = "rotated-key"
+    fake_upstream.delay_next("auth", 1.5)
+    queue_id = send(relay)
+    time.sleep(0.5)  # the send has sent AUTH with the old key; the refusal comes after the reload
+    settings = yaml.safe_load(relay.config_path.read_text(encoding="utf-8"))
+    settings["upstream"]["password"] = "rotated-key"
+    relay.config_path.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    assert relay.reload() is True
+    record = final(relay, queue_id)
+    assert record.state == "delivered", record.last_reply
+    assert record.attempts == 1  # the old key's refusal cost the message no attempt
+    assert fake_upstream.auth_failures == 1
+    assert relay.server.deliveries is not None
+    health = relay.server.deliveries.default.health
+    assert not health.auth_failed and health.ok
+    later = send(relay)
+    assert final(relay, later).state == "delivered"
+
+
+def test_a_probe_with_the_old_key_failing_after_a_reload_does_not_pause_the_new_one(
+        fake_upstream: FakeUpstream, start_relay: StartRelay) -> None:
+    """The start-up probe runs with a revoked key; the operator reloads with the right one
+    before its 535 comes. The new settings are not paused for ``auth_retry``."""
+    fake_upstream.delay_next("auth", 1.5)  # the first AUTH: the start-up probe's
+    relay = start_relay(fake_upstream, upstream={"connections": 1, "password": "revoked-key"},
+                        queue={"auth_retry": "1h"})
+    time.sleep(0.5)
+    settings = yaml.safe_load(relay.config_path.read_text(encoding="utf-8"))
+    settings["upstream"]["password"] = fake_upstream.api_key
+    relay.config_path.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    assert relay.reload() is True
+    wait_until(lambda: fake_upstream.auth_failures == 1, what="the old probe's refusal")
+    time.sleep(0.2)
+    assert relay.server.deliveries is not None
+    assert not relay.server.deliveries.default.health.auth_failed
+    queue_id = send(relay)
+    assert final(relay, queue_id, timeout=5).state == "delivered"
+
+
 def test_a_connection_lost_after_data_is_an_unknown_outcome(
         fake_upstream: FakeUpstream, start_relay: StartRelay) -> None:
     relay = start_relay(fake_upstream, upstream={"connections": 1},
