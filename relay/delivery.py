@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from relay.config import Config, UpstreamConfig
 from relay.envelope import DEFAULT_UPSTREAM
 from relay.metrics import Metrics
-from relay.outgoing import FreshData, MessageData, MessageFile, SpooledBody, message_size
+from relay.outgoing import MessageData, SpooledBody, message_size
 from relay.pacing import Pacer
 from relay.spool import (
     EXPIRED_PREFIX,
@@ -74,7 +74,7 @@ class _Job:
     seq: int
     id: str = field(compare=False)
     message: QueuedMessage | None = field(compare=False, default=None)
-    data: FreshData | None = field(compare=False, default=None)
+    data: MessageData | None = field(compare=False, default=None)
 
     @property
     def memory(self) -> int:
@@ -314,7 +314,7 @@ class Delivery:
     def release(self, message_id: str) -> None:
         self._known.discard(message_id)
 
-    def submit(self, message: QueuedMessage, data: FreshData | None) -> None:
+    def submit(self, message: QueuedMessage, data: MessageData | None) -> None:
         """Queue a freshly spooled message for immediate delivery (None: read it back later)."""
         job = _Job(message.priority, message.created, next(self._seq), message.id, message, data)
         if self._memory + job.memory > _MEMORY_BUDGET:
@@ -439,25 +439,12 @@ class Delivery:
         message = job.message or await self.spool.get(job.id)
         if message is None or message.state not in ("queued", "deferred") or not message.pending:
             return None
-        data = await self._message_data(job)
+        # A fresh message's own bytes or body file: no spool read on its way to its first
+        # attempt. A body file is opened where it is read (the upstream process, if any).
+        data = job.data if job.data is not None else await self.spool.source(job.id)
         if data is None:
             return None
-        try:
-            return await self._send(attempt, message, data)
-        finally:
-            if isinstance(data, MessageFile):
-                data.close()
-
-    async def _message_data(self, job: _Job) -> MessageData | None:
-        """The bytes or the opened body file to send: a fresh message's own (no spool read on
-        the way to its first attempt), else what the spool holds."""
-        if isinstance(job.data, bytes):
-            return job.data
-        if isinstance(job.data, SpooledBody):
-            opened = job.data.open()
-            if opened is not None:
-                return opened
-        return await self.spool.source(job.id)
+        return await self._send(attempt, message, data)
 
     async def _send(self, attempt: _Attempt, message: QueuedMessage, data: MessageData
                     ) -> asyncio.Future[bool] | None:

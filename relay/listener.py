@@ -36,7 +36,7 @@ from relay.errors import SpoolError
 from relay.infobip.headers import report_defaults
 from relay.message import Arrival, MessageRefused, PreparedMessage, prepare_head
 from relay.metrics import Metrics
-from relay.outgoing import FreshData, SpooledBody
+from relay.outgoing import MessageData, SpooledBody
 from relay.passwords import verify_password
 from relay.rules import apply_rules
 from relay.spool import FILE_BODY_THRESHOLD, QueuedMessage, Recipient, Spool
@@ -76,7 +76,7 @@ class MessageSink(Protocol):
 
     def reserve(self, message_id: str) -> None: ...
     def release(self, message_id: str) -> None: ...
-    def submit(self, message: QueuedMessage, data: FreshData | None) -> None: ...
+    def submit(self, message: QueuedMessage, data: MessageData | None) -> None: ...
     @property
     def upstream_smtputf8(self) -> bool | None:
         """Whether the upstream advertised SMTPUTF8 (None until it was reached)."""

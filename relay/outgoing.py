@@ -24,16 +24,14 @@ _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 class MessageFile:
     """A spooled message read from its body file: ``head`` (the header block, from the spool
-    row, when the file holds only the body) then the file; ``size`` counts both. ``path``
-    names the file for the upstream process, which opens it itself."""
+    row, when the file holds only the body) then the file; ``size`` counts both."""
 
-    __slots__ = ("_file", "head", "path", "size")
+    __slots__ = ("_file", "head", "size")
 
-    def __init__(self, file: BinaryIO, size: int, head: bytes = b"", *, path: str) -> None:
+    def __init__(self, file: BinaryIO, size: int, head: bytes = b"") -> None:
         self._file = file
         self.head = head
         self.size = size
-        self.path = path
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         """The head, then the file from its start (also on a retry), ``CHUNK`` octets at a time.
@@ -76,7 +74,8 @@ def _read_cached(descriptor: int, offset: int) -> bytearray | None:
     return buffer  # a bytearray: what DotStuffer and the transport take, without a copy
 
 
-MessageData = bytes | MessageFile
+# A message as the upload reads it: its bytes, or its body file opened.
+OpenedData = bytes | MessageFile
 # Dots checked one by one before a search takes over: a header's worth (Message-Id, Date,
 # Received lines with addresses). Each costs about what a search of 400 octets does.
 _DOTS_BEFORE_SEARCH = 32
@@ -85,28 +84,25 @@ LINE_DOT = b"\r\n."  # the start of a line that begins with a dot (stuffed, or t
 
 @dataclass(frozen=True, slots=True)
 class SpooledBody:
-    """A message the listener has just spooled with its body in a file: the header block and
-    the file, so that its first delivery opens the file without reading the spool's row."""
+    """A spooled message whose body is in a file: the header block kept apart (if any) and
+    the file's name, not opened. It is opened only where it is read: in the upstream process
+    when there is one, which spares the relay's event loop an open and a close per message."""
 
     head: bytes
     path: Path
     size: int  # the head and the file together
 
-    def open(self) -> MessageFile | None:
-        """The message to send; None when the file is gone (the message was deleted)."""
-        try:
-            file = self.path.open("rb")
-        except FileNotFoundError:
-            return None
-        return MessageFile(file, self.size, self.head, path=str(self.path))
+    def open(self) -> MessageFile:
+        """The message to read; OSError (FileNotFoundError: the message was deleted)."""
+        return MessageFile(self.path.open("rb"), self.size, self.head)
 
 
-# What the listener hands to the delivery with a fresh message: its bytes (kept in memory
-# within a budget), its body file, or None (read it from the spool when its turn comes).
-FreshData = bytes | SpooledBody
+# A message as the delivery hands it to an upstream, and as the listener hands a fresh one
+# to the delivery: its bytes, or its body file by name.
+MessageData = bytes | SpooledBody
 
 
-def message_size(data: MessageData) -> int:
+def message_size(data: MessageData | OpenedData) -> int:
     return len(data) if isinstance(data, bytes) else data.size
 
 

@@ -18,7 +18,7 @@ from relay.config import Config, UpstreamConfig
 from relay.delivery import Delivery
 from relay.envelope import DEFAULT_UPSTREAM
 from relay.metrics import Metrics
-from relay.outgoing import FreshData
+from relay.outgoing import MessageData
 from relay.spool import QueuedMessage, Spool
 from relay.upstream import UpstreamFactory
 
@@ -116,7 +116,7 @@ class Deliveries:
     def release(self, message_id: str) -> None:
         self._known.discard(message_id)
 
-    def submit(self, message: QueuedMessage, data: FreshData | None) -> None:
+    def submit(self, message: QueuedMessage, data: MessageData | None) -> None:
         delivery = self._by_name.get(message.route)
         if delivery is None:
             # Only a message spooled while a reload removed its upstream gets here.

@@ -922,7 +922,7 @@ class SpoolDB:
 
     def source(self, message_id: str) -> MessageData | None:
         """What to send: the bytes of a small message; for a body file, the header block kept
-        in the row (if any) and the file, opened."""
+        in the row (if any) and the file's name (the sender opens it)."""
         stored = self._stored(message_id)
         if not isinstance(stored, tuple):
             return stored
@@ -931,7 +931,7 @@ class SpoolDB:
             size = len(head) + path.stat().st_size
         except FileNotFoundError:
             return None
-        return SpooledBody(head, path, size).open()
+        return SpooledBody(head, path, size)
 
     def due(self, now: float, limit: int, route: str | None = None
             ) -> list[tuple[str, int, float]]:
@@ -1316,7 +1316,7 @@ class Spool:
         return result
 
     async def source(self, message_id: str) -> MessageData | None:
-        """The message to send, the body file opened but not read (close it when done)."""
+        """The message to send: its bytes, or its body file by name."""
         result: MessageData | None = await self._submit(lambda db: db.source(message_id))
         return result
 

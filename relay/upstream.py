@@ -24,7 +24,7 @@ from relay.address import AddressError, check_mailbox
 from relay.config import UpstreamConfig
 from relay.errors import RelayError
 from relay.infobip.replies import parse_message_id
-from relay.outgoing import DotStuffer, MessageData, message_size
+from relay.outgoing import DotStuffer, MessageData, OpenedData, message_size
 from relay.pipelining import ReplyReader
 
 log = logging.getLogger("relay.upstream")
@@ -233,12 +233,28 @@ class UpstreamConnection:
         # Checked before MAIL goes out: a refusal half-way through would leave the session
         # inside a transaction.
         valid, invalid = _encode_recipients(recipients, utf8)
-        result = await self._send_checked(sender, valid, data, mail_options) if valid \
+        result = await self._send_opened(sender, valid, data, mail_options) if valid \
             else SendResult(local=True)
         result.permanent.update(invalid)
         return result
 
-    async def _send_checked(self, sender: bytes, recipients: dict[str, bytes], data: MessageData,
+    async def _send_opened(self, sender: bytes, recipients: dict[str, bytes], data: MessageData,
+                           mail_options: tuple[str, ...]) -> SendResult:
+        """A body file is opened here, where it is read. One that is gone (the message was
+        deleted meanwhile) or unreadable is a local temporary failure."""
+        if isinstance(data, bytes):
+            return await self._send_checked(sender, recipients, data, mail_options)
+        try:
+            opened = data.open()
+        except OSError as exc:
+            reply = f"451 4.3.0 cannot read the spooled body: {exc.strerror}"
+            return SendResult(temporary=dict.fromkeys(recipients, reply), reply=reply, local=True)
+        try:
+            return await self._send_checked(sender, recipients, opened, mail_options)
+        finally:
+            opened.close()
+
+    async def _send_checked(self, sender: bytes, recipients: dict[str, bytes], data: OpenedData,
                             mail_options: tuple[str, ...]) -> SendResult:
         """One transaction; after a 503 once more on a new session, never a permanent failure."""
         try:
@@ -253,7 +269,7 @@ class UpstreamConnection:
             return _whole_message(tuple(recipients), 451,
                                   f"4.5.0 upstream answered {exc.reply} on a new connection")
 
-    async def _send_once(self, sender: bytes, recipients: dict[str, bytes], data: MessageData,
+    async def _send_once(self, sender: bytes, recipients: dict[str, bytes], data: OpenedData,
                          mail_options: tuple[str, ...]) -> SendResult:
         smtp = await self._ready_connection()
         names = tuple(recipients)
@@ -406,7 +422,7 @@ class _Timeouts:
 
 
 async def _transaction(smtp: aiosmtplib.SMTP, sender: bytes, recipients: dict[str, bytes],
-                       data: MessageData, *, mail_options: tuple[str, ...], timeouts: _Timeouts
+                       data: OpenedData, *, mail_options: tuple[str, ...], timeouts: _Timeouts
                        ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
     """MAIL, RCPT..., DATA, with the addresses exactly as spooled (aiosmtplib would re-parse them).
 
@@ -538,7 +554,7 @@ async def _reset_or_drop(smtp: aiosmtplib.SMTP, timeouts: _Timeouts) -> None:
         smtp.close()
 
 
-async def _data(smtp: aiosmtplib.SMTP, data: MessageData, timeouts: _Timeouts
+async def _data(smtp: aiosmtplib.SMTP, data: OpenedData, timeouts: _Timeouts
                 ) -> aiosmtplib.SMTPResponse:
     start = await smtp.execute_command(b"DATA", timeout=timeouts.command)
     if start.code != 354:
@@ -546,7 +562,7 @@ async def _data(smtp: aiosmtplib.SMTP, data: MessageData, timeouts: _Timeouts
     return await _message(smtp, data, timeouts)
 
 
-async def _message(smtp: aiosmtplib.SMTP, data: MessageData, timeouts: _Timeouts
+async def _message(smtp: aiosmtplib.SMTP, data: OpenedData, timeouts: _Timeouts
                    ) -> aiosmtplib.SMTPResponse:
     """After the 354: the message, the final dot, the final reply."""
     protocol = smtp.protocol
@@ -568,7 +584,7 @@ async def _message(smtp: aiosmtplib.SMTP, data: MessageData, timeouts: _Timeouts
     return response
 
 
-async def _upload(protocol: SMTPProtocol, data: MessageData) -> None:
+async def _upload(protocol: SMTPProtocol, data: OpenedData) -> None:
     """The message dot-stuffed, then the final dot; a file in chunks, each drained first."""
     stuffer = DotStuffer()
     if isinstance(data, bytes):  # small: in memory already, one write as before

@@ -17,18 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from relay.config import UpstreamConfig
 from relay.frames import FrameProtocol
 from relay.logs import configure_logging
 from relay.memory import keep_heap_between_messages, keep_releasing_free_memory, release_free_memory
-from relay.outgoing import MessageData, MessageFile
+from relay.outgoing import MessageData, SpooledBody
 from relay.upstream import (
     SendResult,
     UpstreamAuthError,
@@ -71,18 +71,12 @@ def failure_kind(exc: BaseException) -> str:
     return "error"
 
 
-def open_payload(payload: bytes | tuple[str, bytes, str]) -> MessageData | SendResult:
-    """The message to send: its bytes, or its body file opened here. A file that is gone (the
-    message was deleted meanwhile) or unreadable is a local temporary failure."""
+def message_of(payload: bytes | tuple[str, bytes, str, int]) -> MessageData:
+    """The message to send: its bytes, or its body file (the session opens it)."""
     if isinstance(payload, bytes):
         return payload
-    _, head, path = payload
-    try:
-        file = open(path, "rb")  # noqa: SIM115 - closed by the sender's finally
-    except OSError as exc:
-        return SendResult(reply=f"451 4.3.0 cannot read the spooled body: {exc.strerror}",
-                          local=True)
-    return MessageFile(file, len(head) + os.fstat(file.fileno()).st_size, head, path=path)
+    _, head, path, size = payload
+    return SpooledBody(head, Path(path), size)
 
 
 class Child:
@@ -181,17 +175,10 @@ class Child:
 
     @staticmethod
     async def _send(connection: UpstreamConnection, mail_from: str,
-                    recipients: tuple[str, ...], payload: bytes | tuple[str, bytes, str],
+                    recipients: tuple[str, ...], payload: bytes | tuple[str, bytes, str, int],
                     options: tuple[str, ...]) -> tuple[Any, ...]:
-        data = open_payload(payload)
-        if isinstance(data, SendResult):
-            return result_fields(SendResult(temporary=dict.fromkeys(recipients, data.reply),
-                                            reply=data.reply, local=True))
-        try:
-            return result_fields(await connection.send(mail_from, recipients, data, options))
-        finally:
-            if isinstance(data, MessageFile):
-                data.close()
+        return result_fields(await connection.send(mail_from, recipients, message_of(payload),
+                                                   options))
 
     @staticmethod
     async def _probe(connection: UpstreamConnection) -> None:

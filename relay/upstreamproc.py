@@ -262,7 +262,9 @@ class RemoteUpstream:
 
     async def send(self, mail_from: str, recipients: tuple[str, ...], data: MessageData,
                    mail_options: tuple[str, ...] = ()) -> SendResult:
-        payload = data if isinstance(data, bytes) else ("file", data.head, data.path)
+        # A body file goes by name: the process opens it itself (pickle would copy it whole).
+        payload = data if isinstance(data, bytes) else ("file", data.head, str(data.path),
+                                                        data.size)
         try:
             answer = await self._process.request(
                 lambda request: ("send", request, self._id, mail_from, recipients, payload,

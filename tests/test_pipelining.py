@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosmtplib
@@ -19,6 +20,7 @@ from aiosmtplib.protocol import SMTPProtocol
 from fakeupstream import DEFAULT_API_KEY, FakeUpstream, FakeUpstreamFactory
 
 from relay.config import Secret, UpstreamConfig
+from relay.outgoing import SpooledBody
 from relay.pipelining import ReplyReader
 from relay.upstream import SendResult, UpstreamConnection, UpstreamUnavailable
 
@@ -78,6 +80,39 @@ def assert_next_message_goes_through(fake: FakeUpstream, result: SendResult, *,
 
 
 # -- the happy path ------------------------------------------------------------------------------
+
+def test_a_body_file_is_opened_by_the_session_and_sent_whole(fake_upstream: FakeUpstream,
+                                                             tmp_path: Path) -> None:
+    head, body = MESSAGE.split(b"\r\n\r\n", 1)
+    path = tmp_path / "BODY"
+    path.write_bytes(body * 40_000)  # several chunks, a dot at the start of many lines
+    message = SpooledBody(head + b"\r\n\r\n", path, len(head) + 4 + len(body) * 40_000)
+
+    async def scenario(upstream: UpstreamConnection) -> SendResult:
+        return await upstream.send("app@example.com", ("user@example.net",), message)
+
+    result = run(fake_upstream, scenario)
+    assert result.accepted == ("user@example.net",), result
+    [received] = fake_upstream.messages
+    assert received.data == head + b"\r\n\r\n" + body * 40_000
+
+
+def test_a_body_file_gone_is_a_local_temporary_failure(fake_upstream: FakeUpstream,
+                                                       tmp_path: Path) -> None:
+    """Deleted (``queue delete``) between its turn and its send: nothing goes out, and the
+    connection carries the next message."""
+    gone = SpooledBody(b"Subject: gone\r\n\r\n", tmp_path / "deleted", 100)
+
+    async def scenario(upstream: UpstreamConnection) -> tuple[SendResult, SendResult]:
+        first = await upstream.send("app@example.com", ("user@example.net",), gone)
+        return first, await send(upstream, "next@example.net")
+
+    result, after = run(fake_upstream, scenario)
+    assert result.local and not result.accepted and not result.permanent
+    assert result.reply.startswith("451 4.3.0 cannot read the spooled body: No such file")
+    assert result.temporary == {"user@example.net": result.reply}
+    assert [m.rcpt_tos for m in fake_upstream.messages] == [["next@example.net"]]
+    assert after.accepted == ("next@example.net",)
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("coalesce", [False, True], ids=["reply-by-reply", "one-write"])

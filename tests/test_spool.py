@@ -32,7 +32,7 @@ import relay.spool as spool_module
 from relay.bodyfiles import ORPHANED_DIR, SavedEnvelope
 from relay.envelope import Envelope, MessageContext
 from relay.errors import SpoolError
-from relay.outgoing import DotStuffer, MessageFile
+from relay.outgoing import DotStuffer, SpooledBody
 from relay.spool import (
     DB_NAME,
     LOCK_FILE,
@@ -281,8 +281,9 @@ def test_a_sidecar_with_a_damaged_head_is_refused() -> None:
 
 def read_source(db: SpoolDB, queue_id: str) -> bytes:
     """What delivery sends (before dot-stuffing), read the way the upload reads it."""
-    source = db.source(queue_id)
-    assert isinstance(source, MessageFile)
+    spooled = db.source(queue_id)
+    assert isinstance(spooled, SpooledBody)
+    source = spooled.open()
 
     async def read() -> bytes:
         return b"".join([chunk async for chunk in source.chunks()])

@@ -277,7 +277,7 @@ def test_a_message_file_is_read_in_chunks_from_its_start(
     path = tmp_path / "body"
     data = bytes(range(256)) * 4099
     path.write_bytes(data)
-    message = MessageFile(path.open("rb"), len(data), path=str(path))
+    message = MessageFile(path.open("rb"), len(data))
 
     async def read() -> list[bytes | bytearray]:
         return [chunk async for chunk in message.chunks()]
@@ -329,9 +329,9 @@ def test_absorbing_a_worker_spool_removes_its_partial_bodies(tmp_path: Path) -> 
 
 
 def test_a_spooled_body_opens_as_the_message_or_not_at_all(tmp_path: Path) -> None:
-    """What the listener hands the delivery for a streamed message: opened, the head then the
-    file; once the file is gone (the message deleted meanwhile), None, and the delivery asks
-    the spool instead."""
+    """What the listener hands the delivery for a streamed message: opened (by the upstream
+    session), the head then the file; once the file is gone (the message deleted meanwhile),
+    FileNotFoundError."""
     path = tmp_path / "BODY"
     path.write_bytes(b"body\r\n")
     spooled = SpooledBody(b"Subject: s\r\n\r\n", path, 20)
@@ -340,11 +340,11 @@ def test_a_spooled_body_opens_as_the_message_or_not_at_all(tmp_path: Path) -> No
         return b"".join([bytes(chunk) async for chunk in message.chunks()])
 
     opened = spooled.open()
-    assert opened is not None
     try:
-        assert (opened.size, opened.path) == (20, str(path))
+        assert opened.size == 20
         assert asyncio.run(read(opened)) == b"Subject: s\r\n\r\nbody\r\n"
     finally:
         opened.close()
     path.unlink()
-    assert spooled.open() is None
+    with pytest.raises(FileNotFoundError):
+        spooled.open()

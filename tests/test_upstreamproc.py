@@ -30,7 +30,8 @@ from relayrunner import REPO, ThreadRelay, relay_config, send, spool_messages, w
 from relay.config import Config, load_config
 from relay.errors import ConfigError
 from relay.frames import MAX_FRAME, FrameError, FrameProtocol, encode
-from relay.upstreamchild import open_payload
+from relay.outgoing import SpooledBody
+from relay.upstreamchild import message_of
 from relay.upstreamproc import RemoteUpstream, usable_cpus, wanted
 
 StartRelay = Callable[..., ThreadRelay]
@@ -141,24 +142,15 @@ def test_usable_cpus_follows_a_cgroup_quota(tmp_path: Path, cpu_max: str | None,
     assert usable_cpus(path) == (mask if cap is None else min(mask, cap))
 
 
-# -- the body file, opened by the child ----------------------------------------------------------
+# -- the body file, by name --------------------------------------------------------------------
 
-def test_the_child_reads_a_body_file_itself(tmp_path: Path) -> None:
+def test_the_child_gets_a_body_file_by_name_and_a_small_message_whole(tmp_path: Path) -> None:
+    """The relay neither opens nor reads a body file for the child: its session opens it (a
+    file gone is then a local temporary failure, tested in test_pipelining.py)."""
     body = tmp_path / "body"
-    body.write_bytes(b"line\r\n" * 1000)
-    data = open_payload(("file", b"Subject: x\r\n\r\n", str(body)))
-    try:
-        assert not isinstance(data, bytes | type(None))
-        assert getattr(data, "size", None) == len(b"Subject: x\r\n\r\n") + 6000
-    finally:
-        data.close()  # type: ignore[union-attr]
-    assert open_payload(b"whole message") == b"whole message"
-
-
-def test_a_body_file_gone_is_a_local_temporary_failure(tmp_path: Path) -> None:
-    result = open_payload(("file", b"", str(tmp_path / "deleted")))
-    assert getattr(result, "local", False) is True
-    assert getattr(result, "reply", "").startswith("451 4.3.0 cannot read the spooled body: ")
+    assert message_of(("file", b"Subject: x\r\n\r\n", str(body), 6014)) == \
+        SpooledBody(b"Subject: x\r\n\r\n", body, 6014)
+    assert message_of(b"whole message") == b"whole message"
 
 
 def test_the_child_explains_its_usage() -> None:
