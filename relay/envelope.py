@@ -34,8 +34,10 @@ class Envelope:
     mail_options: tuple[str, ...] = ()
     # A streamed message: ``data`` is then only the header block, and the body (from the blank
     # line on) waits in this file under the spool's bodies/ directory. The spool renames it
-    # into place (never joined to the header block): take ``size`` before spooling.
+    # into place (never joined to the header block).
     body_file: Path | None = None
+    # The octets in ``body_file``, counted as they were written (no stat of the file).
+    body_size: int = 0
     # The named upstream the rules chose (``route``), and the envelope sender the client gave
     # when a ``rewrite`` changed it (None: not rewritten; ``context.mail_from`` is what is sent).
     route: str = DEFAULT_UPSTREAM
@@ -43,5 +45,4 @@ class Envelope:
 
     @property
     def size(self) -> int:
-        body = self.body_file.stat().st_size if self.body_file is not None else 0
-        return len(self.data) + body
+        return len(self.data) + self.body_size

@@ -169,6 +169,7 @@ class Received:
     last: bool  # no blank line: the header part is the whole message
     body: bytes  # the fixed body when it stayed small, else b""
     body_file: Path | None  # the fixed body, when it went to disk
+    body_size: int  # octets in body_file
     size: int  # octets of (unstuffed) data as the client sent them
     ascii: bool
 
@@ -180,14 +181,14 @@ class _BodyWriter:
     spool's writer thread, before the 250.
     """
 
-    __slots__ = ("_fd", "_flushed", "_written", "ascii", "memory", "path")
+    __slots__ = ("_fd", "_flushed", "ascii", "memory", "path", "written")
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.memory = bytearray()
         self._fd: int | None = None
         self.ascii = True
-        self._written = 0  # octets in the file
+        self.written = 0  # octets in the file
         self._flushed = 0  # octets whose writeback has been started
 
     def write(self, data: Octets) -> None:
@@ -198,25 +199,32 @@ class _BodyWriter:
             if len(self.memory) + len(data) <= FILE_BODY_THRESHOLD:
                 self.memory += data
                 return
-            self.path.parent.mkdir(mode=0o700, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._fd = self._create()
             # Both go to the file as they are: joining them first copied up to 256 KiB twice.
             held, self.memory = self.memory, bytearray()
             self._append(held)
         self._append(data)
+
+    def _create(self) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            return os.open(self.path, flags, 0o600)
+        except FileNotFoundError:  # bodies/ removed since the spool made it: once more
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            return os.open(self.path, flags, 0o600)
 
     def _append(self, data: Octets) -> None:
         assert self._fd is not None
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
-        self._written += len(data)
-        if self._written - self._flushed >= _WRITEBACK_STEP:
+        self.written += len(data)
+        if self.written - self._flushed >= _WRITEBACK_STEP:
             # Start the disk write of what has arrived (Linux: FADV_DONTNEED begins writeback
             # without waiting for it), so that the fsync before the 250 finds little left.
-            os.posix_fadvise(self._fd, self._flushed, self._written - self._flushed,
+            os.posix_fadvise(self._fd, self._flushed, self.written - self._flushed,
                              os.POSIX_FADV_DONTNEED)
-            self._flushed = self._written
+            self._flushed = self.written
 
     def close(self) -> Path | None:
         """The file holding the body, or None when it stayed in memory."""
@@ -466,12 +474,14 @@ class RelaySMTP(SMTP):
             await self.push(received)
             return
         self.received = received
+        status: Any = None  # the hook's reply, once it gave one
         try:
             status = await self._call_handler_hook("DATA")
         finally:
             self.received = None
-            # Not spooled (a refusal or an error); once spooled, the file has its final name.
-            if received.body_file is not None:
+            # Not spooled (a refusal or an error): the file goes. Spooled, it has its final
+            # name already, and only a 250 says so.
+            if received.body_file is not None and not _queued_reply(status):
                 with contextlib.suppress(FileNotFoundError):
                     received.body_file.unlink()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -538,7 +548,7 @@ class RelaySMTP(SMTP):
             body.discard()
             return refusal
         memory = bytes(body.memory)
-        return Received(head, last, memory, body.close(), size, body.ascii)
+        return Received(head, last, memory, body.close(), body.written, size, body.ascii)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -840,8 +850,8 @@ class RelayHandler:
         if outcome.mail_from is not None and outcome.mail_from != ctx.mail_from:
             # A rule's rewrite: the new sender goes upstream, the client's is kept on record.
             original_sender, ctx = ctx.mail_from, replace(ctx, mail_from=outcome.mail_from)
-        message = Envelope(ctx, data, options, received.body_file, route=outcome.route,
-                           original_mail_from=original_sender)
+        message = Envelope(ctx, data, options, received.body_file, received.body_size,
+                           route=outcome.route, original_mail_from=original_sender)
         size = message.size
         upstream_limit = self.state.sink.upstream_max_size
         if upstream_limit is not None and size > upstream_limit:
@@ -922,6 +932,10 @@ def _forwarded_options(envelope: SMTPEnvelope, ascii_data: bool, upstream_smtput
     if envelope.smtp_utf8 and upstream_smtputf8:
         options.append("SMTPUTF8")
     return tuple(options)
+
+
+def _queued_reply(status: object) -> bool:
+    return isinstance(status, str) and status.startswith("250 ")
 
 
 def _queued(envelope: Envelope, priority: int, size: int) -> QueuedMessage:

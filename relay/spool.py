@@ -1277,7 +1277,7 @@ class Spool:
         event loop in between cost a loop turn, 4-12 ms while uploads keep it busy.
         """
         now = time.time()
-        size = envelope.size  # before the streamed body's file is renamed
+        size = envelope.size
         if body_kind(envelope, size) == IN_ROW:
             await self._submit(_Insert(envelope, priority, now, None), write=True)
             return

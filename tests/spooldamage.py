@@ -38,7 +38,7 @@ def store_streamed(db: SpoolDB, queue_id: str, head: bytes, body: bytes) -> int:
         file.write(body)  # created as the listener creates it
     ctx = MessageContext(queue_id, "app@x.test", ("a@y.test",), "127.0.0.1", None, "local",
                          len(head) + len(body))
-    envelope = Envelope(ctx, head, ("BODY=8BITMIME",), partial)
+    envelope = Envelope(ctx, head, ("BODY=8BITMIME",), partial, len(body))
     inode = partial.stat().st_ino
     db.transaction(lambda: db.insert(envelope, 1, time.time()))
     return inode

@@ -421,7 +421,7 @@ def test_a_split_message_put_through_the_spool_is_stored_split(spool_dir: Path) 
             partial.write_bytes(BODY)
             ctx = MessageContext("PUT", "app@x.test", ("a@y.test",), "127.0.0.1", None,
                                  "local", 0)
-            await spool.put(Envelope(ctx, HEAD, (), partial), 1)
+            await spool.put(Envelope(ctx, HEAD, (), partial, len(BODY)), 1)
             return await spool.data("PUT")
         finally:
             await spool.close()

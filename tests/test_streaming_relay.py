@@ -46,6 +46,28 @@ def test_large_messages_arrive_byte_exact_and_leave_no_partial_file(fake_upstrea
     assert not any(name.endswith(PARTIAL_SUFFIX) for name in body_files(relay))
 
 
+def test_a_streamed_message_the_handler_refuses_leaves_no_file(fake_upstream, start_relay):
+    """Refused after the whole body was streamed to disk (a bare CR in its header): the file
+    goes with the refusal; the next one is spooled and keeps its body file until delivered."""
+    relay = start_relay(fake_upstream)
+    fake_upstream.delay_next("data", 2.0)  # the second message's file is looked at meanwhile
+    with smtplib.SMTP(*relay.address, timeout=30) as client:
+        client.ehlo("client.example.com")
+        client.mail("app@example.com")
+        client.rcpt("user@example.net")
+        code, reply = client.data(b"Subject: bad\rcr\r\n\r\n" + big_body(1024 * 1024))
+        assert (code, reply) == (550, b"5.6.0 Message header contains a bare CR or a NUL "
+                                      b"character")
+        assert body_files(relay) == []
+        client.mail("app@example.com")
+        client.rcpt("user@example.net")
+        code, reply = client.data(HEAD + big_body(1024 * 1024))
+        assert code == 250, reply
+    queue_id = reply.decode().rsplit(" ", 1)[1]
+    assert body_files(relay) == [queue_id, f"{queue_id}.env"]
+    fake_upstream.wait_for(1, timeout=30)
+
+
 def test_oversize_upload_is_drained_refused_and_leaves_no_file(fake_upstream, start_relay):
     relay = start_relay(fake_upstream, access={"max_message_size": "1MiB"})
     with smtplib.SMTP(*relay.address, timeout=30) as client:
