@@ -209,7 +209,7 @@ class _BodyWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
             return os.open(self.path, flags, 0o600)
-        except FileNotFoundError:  # bodies/ removed since the spool made it: once more
+        except FileNotFoundError:  # no bodies/ yet (the first body file makes it), or removed
             self.path.parent.mkdir(mode=0o700, exist_ok=True)
             return os.open(self.path, flags, 0o600)
 
