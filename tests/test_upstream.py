@@ -263,9 +263,9 @@ def test_a_send_with_the_old_key_failing_after_a_reload_does_not_pause_the_new_o
     wait_until(lambda: fake_upstream.auth_successes >= 1, what="the start-up probe")
     time.sleep(0.2)  # its session closed: the send opens the next one
     fake_upstream.api_key = "rotated-key"
-    fake_upstream.delay_next("auth", 1.5)
+    fake_upstream.delay_next("auth", 3.0)
     queue_id = send(relay)
-    time.sleep(0.5)  # the send has sent AUTH with the old key; the refusal comes after the reload
+    time.sleep(1.0)  # the send has sent AUTH with the old key; the refusal comes after the reload
     settings = yaml.safe_load(relay.config_path.read_text(encoding="utf-8"))
     settings["upstream"]["password"] = "rotated-key"
     relay.config_path.write_text(yaml.safe_dump(settings), encoding="utf-8")
@@ -285,10 +285,11 @@ def test_a_probe_with_the_old_key_failing_after_a_reload_does_not_pause_the_new_
         fake_upstream: FakeUpstream, start_relay: StartRelay) -> None:
     """The start-up probe runs with a revoked key; the operator reloads with the right one
     before its 535 comes. The new settings are not paused for ``auth_retry``."""
-    fake_upstream.delay_next("auth", 1.5)  # the first AUTH: the start-up probe's
+    fake_upstream.delay_next("auth", 3.0)  # the first AUTH: the start-up probe's
     relay = start_relay(fake_upstream, upstream={"connections": 1, "password": "revoked-key"},
                         queue={"auth_retry": "1h"})
-    time.sleep(0.5)
+    wait_until(lambda: fake_upstream.connections >= 1, what="the start-up probe's connection")
+    time.sleep(1.0)  # its AUTH is out; the refusal comes after the reload
     settings = yaml.safe_load(relay.config_path.read_text(encoding="utf-8"))
     settings["upstream"]["password"] = fake_upstream.api_key
     relay.config_path.write_text(yaml.safe_dump(settings), encoding="utf-8")
