@@ -599,11 +599,11 @@ class SpoolDB:
         sidecar lets `queue recover` send the message again exactly if the row is ever lost;
         the rename and the two files share one fsync of the directory.
         """
-        self.bodies.mkdir(mode=0o700, exist_ok=True)
         body, sidecar = self._body_files(message_id)
         if envelope.body_file is None:
+            self.bodies.mkdir(mode=0o700, exist_ok=True)
             write_synced(body, envelope.data)
-        else:
+        else:  # streamed into bodies/ already: the directory is there
             adopt_partial(body, envelope.body_file)
         try:
             write_synced(sidecar, saved.to_json())
