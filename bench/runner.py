@@ -112,6 +112,18 @@ class Case:
                           for part in self.parts]}
 
 
+def speed_probe_ms(steps: int = 1_000_000) -> float:
+    """Milliseconds this process takes for a fixed piece of pure Python: taken before and
+    after each system's cases, it shows how fast the (virtual) machine ran meanwhile, since a
+    VM's speed can drift by a third within minutes and take a round's ratio with it."""
+    started = time.perf_counter()
+    total = 0
+    for step in range(steps):
+        total += step
+    assert total == steps * (steps - 1) // 2
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
 def split(total: int, weights: list[float], *, minimum: int = 0) -> list[int]:
     """``total`` split in proportion to ``weights`` (largest remainder), then every share
     below ``minimum`` raised to it at the expense of the largest share. The shares add up to
@@ -192,6 +204,11 @@ class Options:
         if self.mix_messages > 0:
             cases.append(mix_case(self.mix_messages))
         return cases
+
+    def systems_in_round(self, number: int) -> tuple[str, ...]:
+        """A B in odd rounds, B A in even ones: this VM's speed drifts over minutes, and with
+        the same system always first the drift favoured it in every pair alike."""
+        return self.systems if number % 2 else tuple(reversed(self.systems))
 
     def sessions_for(self, case: Case) -> list[int]:
         """smtp-source ``-s`` per part: ``sessions`` split in proportion to the messages,
@@ -339,7 +356,7 @@ class Runner:
                 results["ceiling"] = self.run_ceiling()
             for number in range(1, opts.rounds + 1):
                 entry: dict[str, Any] = {"round": number}
-                for name in opts.systems:
+                for name in opts.systems_in_round(number):
                     entry[name] = self.run_system(name, number)
                 results["rounds"].append(entry)
         finally:
@@ -358,7 +375,8 @@ class Runner:
             "python": platform.python_version(),
             "postfix": _postfix_version(),
             "rounds": opts.rounds,
-            "order": [name for _ in range(opts.rounds) for name in opts.systems],
+            "order": [name for number in range(1, opts.rounds + 1)
+                      for name in opts.systems_in_round(number)],
             "cases": [case.as_dict() for case in opts.cases],
             "sessions": opts.sessions,
             "upstream_connections": opts.connections,
@@ -416,12 +434,14 @@ class Runner:
                      f"(PSS {idle.pss_kib / 1024:.1f} MiB, {idle.processes} process(es))")
             if name == "relay" and self.opts.idle_connections > 0:
                 out["idle_connections"] = self.run_idle_connections(system, label)
+            out["speed_probe_ms"] = [speed_probe_ms()]
             for case in self.opts.cases:
                 out["cases"][case.name] = self.run_case(case, label, system.port, system.pids)
                 if not out["cases"][case.name]["ok"]:
                     diagnostics = system.diagnostics()
                     out["cases"][case.name]["diagnostics"] = diagnostics
                     self.log(diagnostics)
+            out["speed_probe_ms"].append(speed_probe_ms())
         finally:
             system.stop()
         return out
