@@ -178,10 +178,6 @@ def format_table(results: dict[str, Any]) -> str:
                          f"MiB, {data['conns_greeted']} greeted, "
                          f"{data['conns_refused']} refused/timed out")
             lines.append(text)
-    speeds = speed_probes(results)
-    if speeds:
-        lines.append("VM speed probe, ms for a fixed loop before/after each system's cases "
-                     "(lower is faster): " + "; ".join(speeds))
     lines.append("")
     failures = results.get("failures", [])
     if failures:
@@ -191,23 +187,6 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("PASS: no message lost or duplicated, every message carried the header")
     lines.append(f"duration {meta.get('duration_s')} s")
     return "\n".join(lines)
-
-
-def speed_probes(results: dict[str, Any]) -> list[str]:
-    """``r1 relay 61/64 postfix 60/71`` per round, in the order the systems ran (results
-    saved before the probe was taken have none)."""
-    order = results.get("meta", {}).get("order", [])
-    rounds = results.get("rounds", [])
-    per_round = len(order) // len(rounds) if rounds and order else 0
-    texts = []
-    for index, entry in enumerate(rounds):
-        ran = order[index * per_round:(index + 1) * per_round] or \
-            [name for name in ("relay", "postfix") if name in entry]
-        probes = [f"{name} " + "/".join(f"{ms:.0f}" for ms in entry[name]["speed_probe_ms"])
-                  for name in ran if entry.get(name, {}).get("speed_probe_ms")]
-        if probes:
-            texts.append(f"r{entry.get('round', index + 1)} " + " ".join(probes))
-    return texts
 
 
 def _size(size: int) -> str:

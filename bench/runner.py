@@ -112,18 +112,6 @@ class Case:
                           for part in self.parts]}
 
 
-def speed_probe_ms(steps: int = 1_000_000) -> float:
-    """Milliseconds this process takes for a fixed piece of pure Python: taken before and
-    after each system's cases, it shows how fast the (virtual) machine ran meanwhile, since a
-    VM's speed can drift by a third within minutes and take a round's ratio with it."""
-    started = time.perf_counter()
-    total = 0
-    for step in range(steps):
-        total += step
-    assert total == steps * (steps - 1) // 2
-    return round((time.perf_counter() - started) * 1000, 1)
-
-
 def split(total: int, weights: list[float], *, minimum: int = 0) -> list[int]:
     """``total`` split in proportion to ``weights`` (largest remainder), then every share
     below ``minimum`` raised to it at the expense of the largest share. The shares add up to
@@ -434,14 +422,12 @@ class Runner:
                      f"(PSS {idle.pss_kib / 1024:.1f} MiB, {idle.processes} process(es))")
             if name == "relay" and self.opts.idle_connections > 0:
                 out["idle_connections"] = self.run_idle_connections(system, label)
-            out["speed_probe_ms"] = [speed_probe_ms()]
             for case in self.opts.cases:
                 out["cases"][case.name] = self.run_case(case, label, system.port, system.pids)
                 if not out["cases"][case.name]["ok"]:
                     diagnostics = system.diagnostics()
                     out["cases"][case.name]["diagnostics"] = diagnostics
                     self.log(diagnostics)
-            out["speed_probe_ms"].append(speed_probe_ms())
         finally:
             system.stop()
         return out

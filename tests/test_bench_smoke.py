@@ -31,17 +31,8 @@ from hypothesis import strategies as st
 from bench import burst
 from bench.load import latency_stats, percentile, probe_match, probe_message
 from bench.procs import MemorySampler, _port_range, free_port, process_tree
-from bench.report import describe_case, draw_chart, format_table, speed_probes, summarize
-from bench.runner import (
-    MIB,
-    Case,
-    Options,
-    Part,
-    mix_case,
-    run_benchmark,
-    speed_probe_ms,
-    split,
-)
+from bench.report import describe_case, draw_chart, format_table, summarize
+from bench.runner import MIB, Case, Options, Part, mix_case, run_benchmark, split
 from bench.sink import (
     CaseCount,
     SinkCluster,
@@ -291,18 +282,6 @@ def test_rounds_alternate_which_system_goes_first() -> None:
     assert Options(systems=("relay",)).systems_in_round(2) == ("relay",)
 
 
-def test_speed_probes_are_reported_in_the_order_the_systems_ran() -> None:
-    assert 0 < speed_probe_ms(1000) < 1000
-    results: dict[str, Any] = {
-        "meta": {"order": ["relay", "postfix", "postfix", "relay"]},
-        "rounds": [{"round": 1, "relay": {"speed_probe_ms": [60.2, 64.0]},
-                    "postfix": {"speed_probe_ms": [61.0, 70.4]}},
-                   {"round": 2, "postfix": {"speed_probe_ms": [90.0, 95.0]},
-                    "relay": {"error": "did not start"}}]}
-    assert speed_probes(results) == ["r1 relay 60/64 postfix 61/70", "r2 postfix 90/95"]
-    assert speed_probes({"rounds": [{"round": 1, "relay": {}}]}) == []  # older results
-
-
 def test_latency_pooled_over_rounds() -> None:
     """A short case has a few probe samples per round: the median of per-round p99s is the
     median of their maxima; the pool's p99 is taken over every sample."""
@@ -415,9 +394,6 @@ def test_one_tiny_round_of_every_case() -> None:
         assert mix["count"]["unique"] == 5 and mix["latency"]["size"] == 4096
         assert results["rounds"][0][system]["cases"]["huge"]["count"]["unique"] == 1
     assert results["ceiling"]["mix"]["ok"]
-    for system in systems:
-        assert len(results["rounds"][0][system]["speed_probe_ms"]) == 2
-    assert "VM speed probe" in format_table(results)
     summary = summarize(results)
     assert summary["systems"]["relay"]["mix"]["rounds_ok"] == 1
 
