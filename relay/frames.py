@@ -37,9 +37,6 @@ class FrameProtocol(asyncio.Protocol):
         self._on_lost = on_lost
         self._buffer = bytearray()
         self._error: FrameError | None = None
-        # Frames queued in this turn of the event loop, written together at its end: one
-        # system call for the sends (or answers) that several tasks start in the same turn.
-        self._outgoing: list[bytes] = []
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -73,18 +70,17 @@ class FrameProtocol(asyncio.Protocol):
         self._on_lost(self._error or exc)
 
     def send(self, frame: tuple[Any, ...]) -> bool:
-        """Queue one frame; False when the channel is already gone."""
+        """Write one frame now; False when the channel is already gone.
+
+        Not gathered for one write at the end of the loop's turn: call_soon() runs that
+        write in the next turn, and a loaded relay's turn lasts milliseconds, which every
+        send and every answer waited for. Written at once, the realistic mix went from
+        a median of 497 to 558 msgs/s (six A B B A runs); 2 KiB and 1 MiB did not lose.
+        """
         if self.transport is None or self.transport.is_closing():
             return False
-        if not self._outgoing:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._outgoing.append(encode(frame))
+        self.transport.write(encode(frame))
         return True
-
-    def _flush(self) -> None:
-        frames, self._outgoing = self._outgoing, []
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(frames))
 
     def _abort(self, error: FrameError) -> None:
         """Drop the channel; connection_lost() reports ``error`` as the reason."""
