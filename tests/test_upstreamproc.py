@@ -83,6 +83,26 @@ async def _receive_raw(raw: bytes) -> tuple[list[tuple[Any, ...]], list[Exceptio
     return received, lost
 
 
+def test_a_frame_is_on_the_socket_before_the_loop_turns_again() -> None:
+    """Sends and answers do not wait for the next turn of a busy event loop."""
+    async def scenario() -> bytes:
+        ours, theirs = socket.socketpair()
+        _, _, protocol = _channel_pair()
+        await asyncio.get_running_loop().create_unix_connection(lambda: protocol, sock=ours)
+        with theirs:
+            theirs.setblocking(False)
+            assert protocol.send(("send", 7, b"x" * 100))
+            try:
+                arrived = theirs.recv(65536)  # no await since send(): the loop has not turned
+            except BlockingIOError:
+                arrived = b""
+            assert protocol.transport is not None
+            protocol.transport.close()
+        return arrived
+
+    assert asyncio.run(scenario()) == encode(("send", 7, b"x" * 100))
+
+
 @pytest.mark.parametrize(("raw", "reason"), [
     ((MAX_FRAME + 1).to_bytes(4, "big") + b"x", "frame of 67108865 octets announced"),
     ((5).to_bytes(4, "big") + b"\x80\x05junk", "undecodable frame"),
