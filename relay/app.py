@@ -423,7 +423,9 @@ def run_server(server: Server) -> None:
     # Measured in three A B B A blocks of relay-only runs, 0.5 ms (the value before) against
     # 20 ms: the mix of 2,000 went from a median of 619 to 657 msgs/s end to end with 6 % less
     # CPU (each block ahead), 2 KiB from 1,334 to 1,411; 1 MiB, 10 MiB and the probes'
-    # acceptance latency stayed within their spread. 5 ms came between; 100 ms was no better.
+    # acceptance latency stayed within their spread. 5 ms came between. 100 ms was ahead of
+    # 20 ms in two blocks by 2 and 11 %, within the VM's noise, but would let one long turn of
+    # the loop (a reload, a large queue listing) keep the spool's writer from committing as long.
     sys.setswitchinterval(_SWITCH_INTERVAL)
     try:
         import uvloop  # noqa: PLC0415
