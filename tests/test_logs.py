@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -86,3 +90,88 @@ def test_a_reload_leaves_logging_it_did_not_install_alone():
     before, level = list(root.handlers), root.level
     reconfigure_logging("debug", "json", ("new-api-key-2222",))
     assert root.handlers == before and root.level == level
+
+
+class _Writes(io.StringIO):
+    """A stream that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_info_lines_on_a_loop_go_out_together_once_the_turn_ends():
+    stream = _Writes()
+    log = _log_to(stream, "text", ())
+
+    async def three_lines() -> tuple[str, str]:
+        for n in range(3):
+            log.info("line %d", n)
+        during = stream.getvalue()
+        await asyncio.sleep(0)  # the turn ends
+        return during, stream.getvalue()
+
+    try:
+        during, after = asyncio.run(three_lines())
+    finally:
+        logging.getLogger().handlers.clear()
+    assert during == ""
+    assert [line.split(": ", 1)[1] for line in after.splitlines()] == \
+        ["line 0", "line 1", "line 2"]
+    assert stream.writes == 1
+
+
+def test_a_warning_and_another_threads_lines_go_out_at_once_and_in_order():
+    stream = _Writes()
+    log = _log_to(stream, "text", ())
+
+    async def mixed() -> list[str]:
+        seen = []
+        log.info("gathered 1")
+        log.warning("a warning")  # written at once, after what was gathered
+        seen.append(stream.getvalue())
+        log.info("gathered 2")
+        thread = threading.Thread(target=log.info, args=("from a thread",))
+        thread.start()
+        thread.join()  # the loop has not turned: the thread wrote, after the gathered line
+        seen.append(stream.getvalue())
+        return seen
+
+    try:
+        first, second = asyncio.run(mixed())
+    finally:
+        logging.getLogger().handlers.clear()
+    messages = [line.split(": ", 1)[1] for line in second.splitlines()]
+    assert first.count("\n") == 2
+    assert messages == ["gathered 1", "a warning", "gathered 2", "from a thread"]
+
+
+_GATHER_THEN = """
+import asyncio, logging, os, sys
+from relay.logs import configure_logging
+configure_logging("info", "text")
+log = logging.getLogger("relay.t")
+loop = asyncio.new_event_loop()
+def turn():
+    log.info("gathered line")
+    if sys.argv[1] == "fork":
+        pid = os.fork()
+        if pid == 0:
+            logging.shutdown()  # as an exiting worker would
+            os._exit(0)
+        os.waitpid(pid, 0)
+    loop.stop()  # before the turn that would write it
+loop.call_soon(turn)
+loop.run_forever()
+"""
+
+
+@pytest.mark.parametrize("then", ["exit", "fork"])
+def test_gathered_lines_are_written_at_exit_and_once_across_a_fork(then):
+    result = subprocess.run([sys.executable, "-c", _GATHER_THEN, then], capture_output=True,
+                            text=True, timeout=30, check=True)
+    assert result.stderr.count("gathered line") == 1, result.stderr
