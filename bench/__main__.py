@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--postfix-tls-reuse", action="store_true",
                      help="let Postfix reuse TLS connections (smtp_tls_connection_reuse, "
                           "not the packaged default)")
-    run.add_argument("--relay-log-level", default="warning",
-                     choices=("debug", "info", "warning", "error"))
+    run.add_argument("--relay-log-level", default="info",
+                     choices=("debug", "info", "warning", "error"),
+                     help="the relay's logging.level (default info, the relay's own default: "
+                          "a line per message queued and delivered, as Postfix's maillog has)")
     run.add_argument("--relay-workers", type=_positive, default=1,
                      help="the relay's `workers:` (processes sharing the port; each has "
                           "--connections upstream connections)")

@@ -78,7 +78,7 @@ class RelayProcess:
                        "when": {"mail_from": f"*@{c.sender_domain}"},
                        "set": {c.header: c.header_value}}],
             "metrics": {"address": "127.0.0.1", "port": c.metrics_port},
-            "logging": {"level": "warning", "format": "text"},
+            "logging": {"level": "info", "format": "text"},  # the relay's default
         }
         for key, value in c.extra.items():
             if isinstance(value, dict) and isinstance(settings.get(key), dict):

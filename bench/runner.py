@@ -172,7 +172,7 @@ class Options:
     idle_connections: int = 1000
     postfix_tls_reuse: bool = False
     postfix_process_limit: int = 100  # Postfix's default_process_limit (smtpd sessions)
-    relay_log_level: str = "warning"
+    relay_log_level: str = "info"  # the relay's default; Postfix logs every message too
     relay_workers: int = 1
     ceiling: bool = True
     keep: bool = False
