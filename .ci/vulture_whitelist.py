@@ -26,6 +26,11 @@ RelayHandler.handle_exception
 _.msg
 # logging.Handler's own filter list, swapped whole at a reload (relay.logs._dress).
 _.filters
+# logging's module switches, read by logging itself for every record (relay.logs.configure_logging).
+_._srcfile
+_.logThreads
+_.logProcesses
+_.logMultiprocessing
 # Read by the tests (the bound metrics and webhook ports, and records' fields).
 Server.metrics_port
 Server.webhook_port
