@@ -35,6 +35,20 @@ def aio_client(fake: FakeUpstream, *, timeout: float = 5) -> aiosmtplib.SMTP:
     )
 
 
+async def quit_cleanly(smtp: aiosmtplib.SMTP) -> None:
+    """QUIT, then wait until the socket is closed. A TLS session's close first waits for the
+    server's close_notify; a loop that asyncio.run() closes before that leaves the socket to
+    the garbage collector, whose ResourceWarning then fails whichever test is running."""
+    transport = smtp.transport
+    await smtp.quit()
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    for _ in range(500):
+        if sock is None or sock.fileno() == -1:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the client's socket was still open 5 s after QUIT")
+
+
 async def connect_and_login(fake: FakeUpstream, mechanism: str = "PLAIN") -> aiosmtplib.SMTP:
     """Connect, check TLS is really on, EHLO again, authenticate with one mechanism."""
     smtp = aio_client(fake)
@@ -54,7 +68,7 @@ def send_once(fake: FakeUpstream, rcpts: list[str] | None = None) -> str:
     async def run() -> str:
         smtp = await connect_and_login(fake)
         _, reply = await smtp.sendmail("a@example.com", rcpts or ["b@example.net"], MSG)
-        await smtp.quit()
+        await quit_cleanly(smtp)
         return reply
 
     return asyncio.run(run())
@@ -118,7 +132,7 @@ def test_starttls_auth_and_send_with_aiosmtplib(
         assert not smtp.supports_extension("starttls")
         _, first = await smtp.sendmail("a@example.com", ["b@example.net", "c@example.org"], MSG)
         _, second = await smtp.sendmail("a@example.com", ["b@example.net"], MSG)
-        await smtp.quit()
+        await quit_cleanly(smtp)
         return first, second
 
     first, second = asyncio.run(run())
@@ -150,7 +164,7 @@ def test_implicit_tls(fake_upstream_factory: FakeUpstreamFactory) -> None:
         assert smtp.esmtp_extensions["auth"] == "LOGIN PLAIN"
         await smtp.auth_login("App", KEY)
         await smtp.sendmail("a@example.com", ["b@example.net"], MSG)
-        await smtp.quit()
+        await quit_cleanly(smtp)
 
     asyncio.run(run())
     [msg] = fake.wait_for(1)
@@ -202,7 +216,7 @@ def test_bad_key_and_mail_before_auth(fake_upstream_factory: FakeUpstreamFactory
             535, "5.7.8 Authentication credentials invalid"
         )
         await smtp.auth_plain("App", "another-key")
-        await smtp.quit()
+        await quit_cleanly(smtp)
 
     asyncio.run(run())
     assert (fake.auth_failures, fake.auth_successes) == (1, 1)
@@ -238,7 +252,7 @@ def test_reject_one_recipient_with_4xx(fake_upstream: FakeUpstream) -> None:
             await smtp.sendmail("a@example.com", ["busy@example.net"], MSG)
         fake_upstream.clear_faults()
         await smtp.sendmail("a@example.com", ["busy@example.net"], MSG)
-        await smtp.quit()
+        await quit_cleanly(smtp)
 
     asyncio.run(run())
     first, second = fake_upstream.wait_for(2)
@@ -266,7 +280,7 @@ def test_fail_next(
             with pytest.raises(error):
                 await smtp.sendmail("a@example.com", ["b@example.net"], MSG)
         _, reply = await smtp.sendmail("a@example.com", ["b@example.net"], MSG)
-        await smtp.quit()
+        await quit_cleanly(smtp)
         return reply
 
     reply = asyncio.run(run())
@@ -371,7 +385,7 @@ def test_size_limit_on_data(fake_upstream_factory: FakeUpstreamFactory) -> None:
         with pytest.raises(aiosmtplib.SMTPDataError) as data_exc:
             await smtp.data(big)
         assert data_exc.value.code == 552
-        await smtp.quit()
+        await quit_cleanly(smtp)
 
     asyncio.run(run())
     assert fake.messages == []
@@ -384,7 +398,7 @@ def test_smtputf8_option(fake_upstream_factory: FakeUpstreamFactory) -> None:
         smtp = await connect_and_login(fake)
         assert smtp.supports_extension("smtputf8")
         await smtp.sendmail("ä@example.com", ["b@example.net"], MSG, mail_options=["SMTPUTF8"])
-        await smtp.quit()
+        await quit_cleanly(smtp)
 
     asyncio.run(run())
     [msg] = fake.wait_for(1)
