@@ -167,10 +167,14 @@ def turn():
     loop.stop()  # before the turn that would write it
 loop.call_soon(turn)
 loop.run_forever()
+if sys.argv[1] == "os._exit":  # as a worker of the supervisor ends
+    from relay.logs import flush_gathered
+    flush_gathered()
+    os._exit(0)
 """
 
 
-@pytest.mark.parametrize("then", ["exit", "fork"])
+@pytest.mark.parametrize("then", ["exit", "fork", "os._exit"])
 def test_gathered_lines_are_written_at_exit_and_once_across_a_fork(then):
     result = subprocess.run([sys.executable, "-c", _GATHER_THEN, then], capture_output=True,
                             text=True, timeout=30, check=True)
