@@ -27,6 +27,7 @@ import pytest
 import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from util import quit_cleanly
 
 from bench import burst
 from bench.load import latency_stats, percentile, probe_match, probe_message
@@ -100,7 +101,7 @@ async def _send(port: int, ca_file: Path, messages: list[EmailMessage],
             await client.send_message(msg, sender="sender@bench.example.com",
                                       recipients=["1rcpt@example.net"])
     finally:
-        await client.quit()
+        await quit_cleanly(client)
 
 
 class _Written:

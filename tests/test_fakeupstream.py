@@ -12,6 +12,7 @@ import time
 import aiosmtplib
 import pytest
 from fakeupstream import INFOBIP_HOSTNAME, FakeUpstream, FakeUpstreamFactory
+from util import quit_cleanly
 
 KEY = "test-api-key"
 MSG = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -33,20 +34,6 @@ def aio_client(fake: FakeUpstream, *, timeout: float = 5) -> aiosmtplib.SMTP:
         local_hostname="client.test",
         timeout=timeout,
     )
-
-
-async def quit_cleanly(smtp: aiosmtplib.SMTP) -> None:
-    """QUIT, then wait until the socket is closed. A TLS session's close first waits for the
-    server's close_notify; a loop that asyncio.run() closes before that leaves the socket to
-    the garbage collector, whose ResourceWarning then fails whichever test is running."""
-    transport = smtp.transport
-    await smtp.quit()
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    for _ in range(500):
-        if sock is None or sock.fileno() == -1:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the client's socket was still open 5 s after QUIT")
 
 
 async def connect_and_login(fake: FakeUpstream, mechanism: str = "PLAIN") -> aiosmtplib.SMTP:
