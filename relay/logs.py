@@ -79,7 +79,8 @@ class RelayLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     a message) that cost a quarter of the small-mail rate. Warnings and errors, lines from any
     other thread and lines logged with no loop running are written at once, after whatever
     was gathered, so the order stays that of the calls. A SIGKILL loses at most one turn's
-    lines; an exit, a fork, flush() and flush_gathered() (before an os._exit) write them.
+    lines; an exit (logging.shutdown, also before a worker's os._exit), a fork and flush()
+    write them.
     """
 
     def __init__(self, stream: TextIO) -> None:
@@ -130,14 +131,13 @@ class RelayLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
 _HANDLERS: weakref.WeakSet[RelayLogHandler] = weakref.WeakSet()
 
 
-def flush_gathered() -> None:
-    """Write every line gathered so far: before a fork (or the child would write them a second
-    time) and before an ``os._exit``, which skips logging's own flush at exit."""
+def _flush_before_fork() -> None:
+    """A forked child must not write the lines its parent gathered a second time."""
     for handler in list(_HANDLERS):
         handler.flush()
 
 
-os.register_at_fork(before=flush_gathered)
+os.register_at_fork(before=_flush_before_fork)
 
 
 def configure_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:

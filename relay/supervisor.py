@@ -18,7 +18,6 @@ from collections.abc import Callable
 from relay import sdnotify
 from relay.app import Server, StartupError
 from relay.config import Config
-from relay.logs import flush_gathered
 from relay.pidfile import remove_pid, write_pid
 
 log = logging.getLogger("relay.supervisor")
@@ -89,7 +88,7 @@ class _Supervisor:
         except BaseException:
             log.exception("worker %d crashed", index)
         finally:
-            flush_gathered()  # os._exit skips logging's flush: the loop's last lines
+            logging.shutdown()  # os._exit skips it: the loop's last gathered lines
             os._exit(code)
 
     def install_signal_handlers(self) -> None:

@@ -168,8 +168,7 @@ def turn():
 loop.call_soon(turn)
 loop.run_forever()
 if sys.argv[1] == "os._exit":  # as a worker of the supervisor ends
-    from relay.logs import flush_gathered
-    flush_gathered()
+    logging.shutdown()
     os._exit(0)
 """
 
