@@ -109,7 +109,8 @@ class RelayLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Write what was gathered, then flush the stream (logging.shutdown calls this)."""
         with self.lock:  # type: ignore[union-attr]
             if self._gathered:
-                self._write(self._take_gathered(), self._last)
+                self._write(self._take_gathered(), self._last)  # _write flushes the stream
+                return
         super().flush()
 
     def _take_gathered(self) -> str:
