@@ -31,6 +31,9 @@ _._srcfile
 _.logThreads
 _.logProcesses
 _.logMultiprocessing
+# logging.Formatter's hook for asctime, overridden with its signature (relay.logs.TextFormatter).
+TextFormatter.formatTime
+datefmt
 # Read by the tests (the bound metrics and webhook ports, and records' fields).
 Server.metrics_port
 Server.webhook_port

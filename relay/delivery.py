@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from relay.config import Config, UpstreamConfig
 from relay.envelope import DEFAULT_UPSTREAM
+from relay.logs import info_line
 from relay.metrics import Metrics
 from relay.outgoing import MessageData, SpooledBody, message_size
 from relay.pacing import Pacer
@@ -687,8 +688,8 @@ def _log_recipient(queue_id: str, recipient: Recipient, outcome: Outcome) -> Non
              "recipient_state": recipient.state, "attempts": outcome.attempts,
              "upstream_id": outcome.upstream_id, "reply": recipient.reply}
     if recipient.state == "delivered":
-        log.info("%s delivered to <%s>: %s", queue_id, recipient.address, recipient.reply,
-                 extra=extra)
+        info_line(log, "%s delivered to <%s>: %s", queue_id, recipient.address, recipient.reply,
+                  fields=extra)
     elif recipient.state == "pending":
         log.warning("%s deferred for <%s> (attempt %d, next in %.0fs): %s", queue_id,
                     recipient.address, outcome.attempts, outcome.next_attempt - time.time(),

@@ -34,6 +34,7 @@ from relay.config import Config, ListenerConfig
 from relay.envelope import Envelope, MessageContext
 from relay.errors import SpoolError
 from relay.infobip.headers import report_defaults
+from relay.logs import info_line
 from relay.message import Arrival, MessageRefused, PreparedMessage, prepare_head
 from relay.metrics import Metrics
 from relay.outgoing import MessageData, SpooledBody
@@ -875,12 +876,11 @@ class RelayHandler:
         sink.submit(_queued(message, priority, size), data if received.body_file is None else
                     SpooledBody(data, self.state.spool.body_path(queue_id), size))
         if log.isEnabledFor(logging.INFO):  # spares building the fields on the hot path
-            log.info("%s queued from %s: <%s> to %d recipient(s), %d bytes", queue_id,
-                     ctx.client_ip, ctx.mail_from, len(ctx.rcpt_tos), size,
-                     extra={"queue_id": queue_id, "client": ctx.client_ip,
-                            "sender": ctx.mail_from, "recipients": len(ctx.rcpt_tos),
-                            "size": size, "user": ctx.auth_user,
-                            "listener": ctx.listener})
+            info_line(log, "%s queued from %s: <%s> to %d recipient(s), %d bytes", queue_id,
+                      ctx.client_ip, ctx.mail_from, len(ctx.rcpt_tos), size,
+                      fields={"queue_id": queue_id, "client": ctx.client_ip,
+                              "sender": ctx.mail_from, "recipients": len(ctx.rcpt_tos),
+                              "size": size, "user": ctx.auth_user, "listener": ctx.listener})
         if original_sender is not None:
             log.info("%s envelope sender <%s> rewritten to <%s> by the rules", queue_id,
                      original_sender, ctx.mail_from, extra={"queue_id": queue_id})

@@ -6,13 +6,22 @@ import asyncio
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
-from relay.logs import JSONFormatter, SecretFilter, configure_logging, reconfigure_logging
+from relay.logs import (
+    JSONFormatter,
+    SecretFilter,
+    TextFormatter,
+    configure_logging,
+    info_line,
+    reconfigure_logging,
+)
 
 
 @pytest.fixture
@@ -178,3 +187,141 @@ def test_gathered_lines_are_written_at_exit_and_once_across_a_fork(then):
     result = subprocess.run([sys.executable, "-c", _GATHER_THEN, then], capture_output=True,
                             text=True, timeout=30, check=True)
     assert result.stderr.count("gathered line") == 1, result.stderr
+
+
+def _count_records(monkeypatch: pytest.MonkeyPatch) -> list[logging.LogRecord]:
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counting(*args: object, **kwargs: object) -> logging.LogRecord:
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(logging, "_logRecordFactory", counting)
+    return made
+
+
+def _without_time(line: str, fmt: str) -> object:
+    if fmt == "json":
+        entry = json.loads(line)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry.pop("time"))
+        return entry
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", line)
+    return line.split(" ", 2)[2]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_info_line_writes_what_logger_info_writes_without_a_record(fmt, monkeypatch):
+    stream = io.StringIO()
+    log = _log_to(stream, fmt, ("s3cr3t-api-key",))
+    made = _count_records(monkeypatch)
+    args = ("Q1", "evil\r\nFAKE LINE\x1b[31m", "s3cr3t-api-key")
+    fields = {"queue_id": "Q1", "size": 2048, "user": None, "sender": "a\r\nb", "_hidden": 1}
+    records_made = []
+
+    async def both_ways() -> None:
+        info_line(log, "%s from <%s> with key %s", *args, fields=fields)
+        records_made.append(len(made))
+        log.info("%s from <%s> with key %s", *args, extra=dict(fields))
+        records_made.append(len(made))
+        await asyncio.sleep(0)
+
+    try:
+        asyncio.run(both_ways())
+    finally:
+        logging.getLogger().handlers.clear()
+    assert records_made == [0, 1]  # info_line made its line itself
+    fast, slow = stream.getvalue().splitlines()
+    assert _without_time(fast, fmt) == _without_time(slow, fmt)
+    assert "s3cr3t-api-key" not in fast and "\r" not in fast and "\x1b" not in fast
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _add_handler(log: logging.Logger, handler: logging.Handler) -> None:
+    logging.getLogger().addHandler(handler)
+
+
+def _drop_all(log: logging.Logger, handler: logging.Handler) -> None:
+    log.addFilter(lambda record: False)
+
+
+def _filter_the_handler(log: logging.Logger, handler: logging.Handler) -> None:
+    ours = logging.getLogger().handlers[0]
+    ours.addFilter(lambda record: "drop me" not in record.getMessage())
+
+
+def _raise_the_handlers_level(log: logging.Logger, handler: logging.Handler) -> None:
+    logging.getLogger().handlers[0].setLevel(logging.WARNING)
+
+
+def _stop_propagating(log: logging.Logger, handler: logging.Handler) -> None:
+    log.propagate = False
+    log.addHandler(handler)
+
+
+def _stop_propagating_to_nothing(log: logging.Logger, handler: logging.Handler) -> None:
+    log.propagate = False  # and no handler: logging's last resort, which takes warnings only
+
+
+@pytest.mark.parametrize(("change", "written", "collected"), [
+    (_add_handler, 1, ["drop me 1"]),  # the other handler gets its record too
+    (_drop_all, 0, []),  # the logger's own filter is obeyed
+    (_filter_the_handler, 0, []),  # a filter added to the relay's handler is obeyed
+    (_raise_the_handlers_level, 0, []),
+    (_stop_propagating, 0, ["drop me 1"]),  # the logger's own handler, not the root's
+    (_stop_propagating_to_nothing, 0, []),
+])
+def test_info_line_is_logger_info_whenever_more_than_the_relays_handler_is_involved(
+        change, written, collected, monkeypatch):
+    stream = io.StringIO()
+    log = _log_to(stream, "text", ())
+    other = _Collect()
+    change(log, other)
+    made = _count_records(monkeypatch)
+
+    async def one_line() -> None:
+        info_line(log, "drop me %d", 1, fields={})
+        await asyncio.sleep(0)
+
+    try:
+        asyncio.run(one_line())
+    finally:
+        logging.getLogger().handlers.clear()
+        log.filters.clear()
+        log.handlers.clear()
+        log.propagate = True
+    assert len(made) == 1  # logging's own way
+    assert stream.getvalue().count("drop me 1") == written
+    assert other.messages == collected
+
+
+def test_info_line_outside_an_event_loop_is_written_at_once(monkeypatch):
+    stream = _Writes()
+    log = _log_to(stream, "text", ())
+    try:
+        info_line(log, "no loop %s", "here", fields={"queue_id": "Q"})
+    finally:
+        logging.getLogger().handlers.clear()
+    assert stream.writes == 1 and stream.getvalue().endswith("INFO relay.test: no loop here\n")
+
+
+@pytest.mark.parametrize("created", [
+    0.0, 0.9995, 1_000_000_000.5, 1_764_968_400.123, 1_764_968_400.999_999, 1_764_968_401.0,
+    4_102_444_799.001,
+])
+def test_the_time_is_loggings_default_to_the_millisecond(created):
+    """The relay's cached stamps against logging.Formatter's own, across second boundaries."""
+    record = logging.LogRecord("relay.t", logging.INFO, "", 0, "m", None, None)
+    record.created = created
+    record.msecs = int((created - int(created)) * 1000) + 0.0
+    assert TextFormatter().formatTime(record) == logging.Formatter().formatTime(record)
+    assert json.loads(JSONFormatter().format(record))["time"] == \
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(record.msecs):03d}Z"
