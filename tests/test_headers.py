@@ -313,7 +313,8 @@ def test_edits_never_touch_the_body_and_are_idempotent(
 
 FIELD_LINES = st.sampled_from([
     b"Date: d", b"date : lower, obsolete space", b"X-Date: not it", b" folded Date: no",
-    b"\tmore", b"garbage line", b"Date:", b"Subject: s", b"DATE: \xc3\xa9",
+    b"\tmore", b"garbage line", b"Date:", b"Subject: s", b"DATE: \xc3\xa9", b"dAtE\t : tab",
+    b"Dates: longer name", b"Date", b"Date x: not a field of that name",
 ])
 
 
