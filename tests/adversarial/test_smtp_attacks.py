@@ -366,6 +366,31 @@ def test_auth_inside_a_transaction_is_503(fake_upstream, start_relay):
         assert raw.cmd(f"AUTH PLAIN {blob}")[0] == 235
 
 
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.WARNING])
+def test_auth_lines_never_reach_the_log_at_any_level(fake_upstream, start_relay, caplog,
+                                                     monkeypatch, level):
+    """aiosmtpd's "mail.log" masks AUTH lines; the relay skips the masking only for lines
+    that are not logged at all (listener._sanitized_log_if_enabled)."""
+    import aiosmtpd.smtp  # noqa: PLC0415
+
+    sanitized: list[bytes] = []
+    sanitize = aiosmtpd.smtp.sanitize
+    monkeypatch.setattr(aiosmtpd.smtp, "sanitize",
+                        lambda text: sanitized.append(text) or sanitize(text))
+    relay = _auth_relay(start_relay, fake_upstream)
+    blob = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    with caplog.at_level(level, logger="mail.log"), session(relay) as raw:
+        assert raw.cmd(f"AUTH PLAIN {blob}")[0] == 235
+        assert raw.cmd("NOOP")[0] == 250
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert blob not in logged and PASSWORD not in logged
+    if level == logging.DEBUG:
+        assert "AUTH PLAIN ********" in logged  # logged, masked
+        assert sanitized
+    else:
+        assert not sanitized  # nothing logged, nothing masked
+
+
 @pytest.mark.parametrize("command", [
     "MAIL FROM:<a@x.test> RET=HDRS",
     "MAIL FROM:<a@x.test> ENVID=abc",
