@@ -113,16 +113,17 @@ def json_line(created: float, msecs: float, level: str, name: str, *, message: s
 
 
 class Dressing(NamedTuple):
-    """A handler's filters and format as _dress() installed them."""
+    """A handler's filters and formatter as _dress() installed them."""
 
     secrets: SecretFilter
     escape: EscapeControlsFilter
-    json: bool
+    formatter: TextFormatter | JSONFormatter
 
     def worn_by(self, handler: logging.Handler) -> bool:
-        """Whether the handler's filters are still these two, and only these."""
+        """Whether the handler still has this formatter and these two filters, only these."""
         filters = handler.filters
-        return len(filters) == 2 and filters[0] is self.secrets and filters[1] is self.escape
+        return handler.formatter is self.formatter and len(filters) == 2 and \
+            filters[0] is self.secrets and filters[1] is self.escape
 
 
 class RelayLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -172,7 +173,7 @@ class RelayLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
             message = escape_controls(message)
         created = time.time()
         msecs = (created - int(created)) * 1000
-        if dressing.json:
+        if isinstance(dressing.formatter, JSONFormatter):
             line = json_line(created, msecs, "info", name, message=message, fields=fields)
         else:
             line = f"{local_stamp(created, msecs)} INFO {name}: {message}"
@@ -221,15 +222,16 @@ def info_line(logger: logging.Logger, msg: str, *args: object,
 
     When configure_logging()'s handler is the only one the line would reach and an event loop
     runs on this thread, the line is made here and gathered straight away: the same text,
-    without a LogRecord, the filter and formatter calls and the handler's locks on the way.
-    Those cost ~50 us a line inside the relay (two lines a message: 10 % of the small-mail
-    rate). Anything else (the tests' log capture, another handler or filter, no loop) gets
-    logger.info itself.
+    without a LogRecord and the calls of the filters and the formatter. Those cost ~50 us a
+    line inside the relay (two lines a message: 10 % of the small-mail rate). Anything else
+    (the tests' log capture, another handler, filter or formatter, no loop, logging's
+    one-mapping form of ``args``) gets logger.info itself.
     """
     loop = asyncio._get_running_loop()
     handler = _only_handler(logger) if loop is not None else None
     dressing = handler.dressing if handler is not None else None
-    if loop is None or handler is None or dressing is None or not dressing.worn_by(handler):
+    if loop is None or handler is None or dressing is None or \
+            not dressing.worn_by(handler) or (len(args) == 1 and isinstance(args[0], Mapping)):
         logger.info(msg, *args, extra=dict(fields))
         return
     handler.gather_info(loop, dressing, logger.name, msg % args if args else msg, fields)
@@ -289,11 +291,12 @@ def reconfigure_logging(level: str, fmt: str, secrets: Iterable[str]) -> None:
 
 def _dress(handler: RelayLogHandler, fmt: str, secrets: Iterable[str]) -> None:
     """The format, then the mask of ``secrets`` and the escaping of control characters."""
-    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
-    dressing = Dressing(SecretFilter(secrets), EscapeControlsFilter(), fmt == "json")
-    # One assignment: a thread logging meanwhile sees the old filters or the new, never none
-    # (info_line() goes the slow way until it finds the filters of the dressing it reads).
+    dressing = Dressing(SecretFilter(secrets), EscapeControlsFilter(),
+                        JSONFormatter() if fmt == "json" else TextFormatter())
+    # One assignment each: a thread logging meanwhile sees the old filters or the new, never
+    # none (info_line() goes the slow way until it finds those of the dressing it reads).
     handler.dressing = dressing
+    handler.setFormatter(dressing.formatter)
     handler.filters = [dressing.secrets, dressing.escape]
 
 

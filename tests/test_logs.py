@@ -262,6 +262,10 @@ def _raise_the_handlers_level(log: logging.Logger, handler: logging.Handler) -> 
     logging.getLogger().handlers[0].setLevel(logging.WARNING)
 
 
+def _change_the_formatter(log: logging.Logger, handler: logging.Handler) -> None:
+    logging.getLogger().handlers[0].setFormatter(logging.Formatter("just %(message)s"))
+
+
 def _stop_propagating(log: logging.Logger, handler: logging.Handler) -> None:
     log.propagate = False
     log.addHandler(handler)
@@ -276,6 +280,7 @@ def _stop_propagating_to_nothing(log: logging.Logger, handler: logging.Handler) 
     (_drop_all, 0, []),  # the logger's own filter is obeyed
     (_filter_the_handler, 0, []),  # a filter added to the relay's handler is obeyed
     (_raise_the_handlers_level, 0, []),
+    (_change_the_formatter, 1, []),  # written as that formatter has it
     (_stop_propagating, 0, ["drop me 1"]),  # the logger's own handler, not the root's
     (_stop_propagating_to_nothing, 0, []),
 ])
@@ -300,6 +305,8 @@ def test_info_line_is_logger_info_whenever_more_than_the_relays_handler_is_invol
         log.propagate = True
     assert len(made) == 1  # logging's own way
     assert stream.getvalue().count("drop me 1") == written
+    if change is _change_the_formatter:
+        assert stream.getvalue() == "just drop me 1\n"
     assert other.messages == collected
 
 
@@ -325,3 +332,19 @@ def test_the_time_is_loggings_default_to_the_millisecond(created):
     assert TextFormatter().formatTime(record) == logging.Formatter().formatTime(record)
     assert json.loads(JSONFormatter().format(record))["time"] == \
         time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(record.msecs):03d}Z"
+
+
+def test_info_line_with_one_mapping_of_arguments_is_logger_info(monkeypatch):
+    stream = io.StringIO()
+    log = _log_to(stream, "text", ())
+    made = _count_records(monkeypatch)
+
+    async def one_line() -> None:
+        info_line(log, "%(id)s queued", {"id": "Q7"}, fields={})
+        await asyncio.sleep(0)
+
+    try:
+        asyncio.run(one_line())
+    finally:
+        logging.getLogger().handlers.clear()
+    assert len(made) == 1 and stream.getvalue().endswith(": Q7 queued\n")
