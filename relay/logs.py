@@ -82,7 +82,7 @@ utc_stamp = _SecondStamp("%Y-%m-%dT%H:%M:%S", time.gmtime, "%s.%03dZ")
 
 
 class TextFormatter(logging.Formatter):
-    """"TIME LEVEL LOGGER: MESSAGE", logging's default time format."""
+    """Lines as "TIME LEVEL LOGGER: MESSAGE", in logging's default time format."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
