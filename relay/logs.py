@@ -179,6 +179,7 @@ class RelayLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
             line = f"{local_stamp(created, msecs)} INFO {name}: {message}"
         with self.lock:  # type: ignore[union-attr]
             self._gather(loop, line + self.terminator)
+            self._last = None  # no record stands for this line
 
     def flush(self) -> None:
         """Write what was gathered, then flush the stream (logging.shutdown calls this)."""
@@ -200,8 +201,8 @@ class RelayLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except RecursionError:
             raise
         except Exception:
-            if record is not None:
-                self.handleError(record)
+            # Lines info_line() gathered have no record: handleError still reports the failure.
+            self.handleError(record or logging.makeLogRecord({"msg": "gathered log lines"}))
 
 
 _HANDLERS: weakref.WeakSet[RelayLogHandler] = weakref.WeakSet()

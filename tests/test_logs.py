@@ -348,3 +348,24 @@ def test_info_line_with_one_mapping_of_arguments_is_logger_info(monkeypatch):
     finally:
         logging.getLogger().handlers.clear()
     assert len(made) == 1 and stream.getvalue().endswith(": Q7 queued\n")
+
+
+class _Broken(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failed_write_of_info_line_lines_is_reported(capsys):
+    """logging reports a handler's failed write (handleError); lines gathered by info_line()
+    have no record of their own, and their failure is reported all the same."""
+    log = _log_to(_Broken(), "text", ())
+
+    async def one_line() -> None:
+        info_line(log, "lost %s", "line", fields={})
+        await asyncio.sleep(0)  # the turn ends: the write fails
+
+    try:
+        asyncio.run(one_line())
+    finally:
+        logging.getLogger().handlers.clear()
+    assert "--- Logging error ---" in capsys.readouterr().err
