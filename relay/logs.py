@@ -50,12 +50,16 @@ class EscapeControlsFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if _CONTROLS.search(message):
-            record.msg, record.args = escape_controls(message), None
+        escaped = escape_controls(message)
+        if escaped is not message:
+            record.msg, record.args = escaped, None
         return True
 
 
 def escape_controls(message: str) -> str:
+    """``message`` itself when it has no control character, else a copy with each as \\xNN."""
+    if not _CONTROLS.search(message):
+        return message
     return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", message)
 
 
@@ -168,9 +172,7 @@ class RelayLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def gather_info(self, loop: asyncio.AbstractEventLoop, dressing: Dressing, name: str,
                     message: str, fields: Mapping[str, object]) -> None:
         """The line the filters and the formatter would make of an info record, gathered."""
-        message = dressing.secrets.mask(message)
-        if _CONTROLS.search(message):
-            message = escape_controls(message)
+        message = escape_controls(dressing.secrets.mask(message))
         created = time.time()
         msecs = (created - int(created)) * 1000
         if isinstance(dressing.formatter, JSONFormatter):
